@@ -9,18 +9,18 @@ from typing import Iterable
 from dpfa.errors import PrivacyParameterError
 
 
-def _real(name: str, value) -> float:
+def _real(name: str, value, allowed: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise PrivacyParameterError(f"Expected {name} to be a real number, got {value!r}.")
+        raise PrivacyParameterError(f"Expected {name} to be a real number in {allowed}, got {value!r}.")
     value = float(value)
     if math.isnan(value):
-        raise PrivacyParameterError(f"Expected {name} to be a number, got NaN.")
+        raise PrivacyParameterError(f"Expected {name} to be a number in {allowed}, got NaN.")
     return value
 
 
 def epsilon(value, name: str = "epsilon") -> float:
     """epsilon in (0, inf)."""
-    v = _real(name, value)
+    v = _real(name, value, "(0, inf)")
     if not (0.0 < v < math.inf):
         raise PrivacyParameterError(f"Expected {name}={value!r} in (0, inf).")
     return v
@@ -28,17 +28,17 @@ def epsilon(value, name: str = "epsilon") -> float:
 
 def delta(value, name: str = "delta", allow_zero: bool = False) -> float:
     """delta in (0, 1), or [0, 1) when ``allow_zero``."""
-    v = _real(name, value)
+    rng = "[0, 1)" if allow_zero else "(0, 1)"
+    v = _real(name, value, rng)
     ok = (0.0 <= v < 1.0) if allow_zero else (0.0 < v < 1.0)
     if not ok:
-        rng = "[0, 1)" if allow_zero else "(0, 1)"
         raise PrivacyParameterError(f"Expected {name}={value!r} in {rng}.")
     return v
 
 
 def sample_rate(value, name: str = "sample_rate") -> float:
     """sampling rate q in (0, 1]."""
-    v = _real(name, value)
+    v = _real(name, value, "(0, 1]")
     if not (0.0 < v <= 1.0):
         raise PrivacyParameterError(f"Expected {name}={value!r} in (0, 1].")
     return v
@@ -46,7 +46,7 @@ def sample_rate(value, name: str = "sample_rate") -> float:
 
 def noise_multiplier(value, name: str = "noise_multiplier") -> float:
     """noise multiplier in [0, inf); 0 means no noise (epsilon = inf)."""
-    v = _real(name, value)
+    v = _real(name, value, "[0, inf)")
     if not (0.0 <= v < math.inf):
         raise PrivacyParameterError(f"Expected {name}={value!r} in [0, inf) (0 means no noise).")
     return v
@@ -54,7 +54,7 @@ def noise_multiplier(value, name: str = "noise_multiplier") -> float:
 
 def positive(value, name: str) -> float:
     """a finite real number > 0."""
-    v = _real(name, value)
+    v = _real(name, value, "(0, inf)")
     if not (0.0 < v < math.inf):
         raise PrivacyParameterError(f"Expected {name}={value!r} in (0, inf).")
     return v

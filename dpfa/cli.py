@@ -1,0 +1,210 @@
+"""The ``dpfa`` command: a privacy calculator on top of dpfa's accountants.
+
+    dpfa epsilon      epsilon spent by a DP-SGD-style run (noise, sampling rate, steps)
+    dpfa noise        the noise multiplier that meets a target epsilon
+    dpfa accountants  every accountant on one configuration, side by side
+
+Bad input never gives a traceback: the message names the value and what is allowed,
+and the exit status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from typing import Optional, Sequence
+
+from dpfa import _validate
+from dpfa.errors import DPFAError
+
+EXIT_USAGE = 2
+
+
+def _sampling_rate(args) -> float:
+    """The sampling rate from --sample-rate, or from --batch-size / --dataset-size."""
+    if args.sample_rate is not None and args.batch_size is not None:
+        raise DPFAError("Give either --sample-rate or --batch-size (with --dataset-size), not both.")
+    if args.sample_rate is not None:
+        return _validate.sample_rate(args.sample_rate, "--sample-rate")
+    if args.batch_size is not None:
+        if args.dataset_size is None:
+            raise DPFAError("--batch-size needs --dataset-size to give the sampling rate batch/dataset.")
+        b = _validate.count(args.batch_size, "--batch-size")
+        n = _validate.count(args.dataset_size, "--dataset-size")
+        return _validate.sample_rate(b / n, "--batch-size / --dataset-size")
+    raise DPFAError("Missing the sampling rate: give --sample-rate Q in (0, 1] or --batch-size B --dataset-size N.")
+
+
+def _check_common(args) -> dict:
+    """Validate the options shared by every sub-command; returns the run's inputs."""
+    from dpfa import accountants, mechanisms
+    from dpfa.accountants.events import normalize_sampling
+
+    mechanisms.get(args.mechanism)
+    if getattr(args, "accountant", None) is not None:
+        accountants.get(args.accountant)
+    inputs = {
+        "mechanism": args.mechanism,
+        "sample_rate": _sampling_rate(args),
+        "steps": _validate.count(args.steps, "--steps"),
+        "delta": _validate.delta(args.delta, "--delta"),
+        "sampling": normalize_sampling(args.sampling),
+        "dataset_size": None if args.dataset_size is None else _validate.count(args.dataset_size, "--dataset-size"),
+    }
+    if inputs["dataset_size"] is not None and inputs["delta"] > 1.0 / inputs["dataset_size"]:
+        warnings.warn(
+            f"delta={inputs['delta']:g} is larger than 1/dataset-size={1.0 / inputs['dataset_size']:g}: a "
+            "mechanism that publishes one random example outright meets such a delta. Use delta << 1/N.",
+            stacklevel=2,
+        )
+    return inputs
+
+
+def _epsilon(inputs: dict, noise_multiplier: float, accountant: str) -> float:
+    from dpfa.accountants import epsilon_for
+
+    return epsilon_for(noise_multiplier, inputs["delta"], inputs["sample_rate"], inputs["steps"], accountant,
+                       inputs["mechanism"], inputs["sampling"], inputs["dataset_size"])
+
+
+def _fmt(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.4f}"
+
+
+def cmd_epsilon(args) -> int:
+    inputs = _check_common(args)
+    z = _validate.noise_multiplier(args.noise_multiplier, "--noise-multiplier")
+    eps = _epsilon(inputs, z, args.accountant)
+    out = {"epsilon": eps, "noise_multiplier": z, "accountant": args.accountant, **inputs}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"epsilon = {_fmt(eps)}  at delta = {inputs['delta']:g}  ({args.accountant} accountant, "
+              f"{inputs['mechanism']}, z = {z:g}, q = {inputs['sample_rate']:g}, {inputs['steps']} steps, "
+              f"{inputs['sampling']} sampling)")
+    return 0
+
+
+def cmd_noise(args) -> int:
+    from dpfa.accountants import noise_multiplier_for
+
+    inputs = _check_common(args)
+    target = _validate.epsilon(args.target_epsilon, "--target-epsilon")
+    z = noise_multiplier_for(target, inputs["delta"], inputs["sample_rate"], inputs["steps"],
+                             accountant=args.accountant, mechanism=inputs["mechanism"],
+                             sampling=inputs["sampling"], dataset_size=inputs["dataset_size"])
+    eps = _epsilon(inputs, z, args.accountant)
+    out = {"noise_multiplier": z, "epsilon": eps, "target_epsilon": target, "accountant": args.accountant, **inputs}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"noise multiplier = {z:.4f}  (epsilon = {_fmt(eps)} <= {target:g} at delta = {inputs['delta']:g}; "
+              f"{args.accountant} accountant, {inputs['mechanism']}, q = {inputs['sample_rate']:g}, "
+              f"{inputs['steps']} steps)")
+    return 0
+
+
+def cmd_accountants(args) -> int:
+    from dpfa import accountants
+
+    inputs = _check_common(args)
+    z = _validate.noise_multiplier(args.noise_multiplier, "--noise-multiplier")
+    rows = []
+    for name in accountants.names():
+        t0 = time.perf_counter()
+        try:
+            eps, note = _epsilon(inputs, z, name), ""
+        except DPFAError as e:  # an accountant that cannot account this event says why
+            eps, note = None, str(e)
+        rows.append({"accountant": name, "epsilon": eps, "seconds": time.perf_counter() - t0, "note": note})
+    if args.json:
+        print(json.dumps({"noise_multiplier": z, **inputs, "results": rows}))
+        return 0
+    print(f"{inputs['mechanism']}, z = {z:g}, q = {inputs['sample_rate']:g}, {inputs['steps']} steps, "
+          f"{inputs['sampling']} sampling, delta = {inputs['delta']:g}")
+    print(f"{'accountant':<11} {'epsilon':>10} {'time (s)':>9}  note")
+    for r in rows:
+        eps = "-" if r["epsilon"] is None else _fmt(r["epsilon"])
+        print(f"{r['accountant']:<11} {eps:>10} {r['seconds']:>9.2f}  {r['note']}")
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser, accountant: bool = True) -> None:
+    p.add_argument("--mechanism", default="gaussian",
+                   help="noise mechanism, a registered name: gaussian (L2), laplace (L1), discrete_gaussian "
+                        "(integer grid) (default: gaussian)")
+    p.add_argument("--sample-rate", type=float, default=None, metavar="Q",
+                   help="probability that an example is in a batch (Poisson), or batch/dataset size (without "
+                        "replacement); in (0, 1]")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="alternative to --sample-rate: expected batch size; needs --dataset-size")
+    p.add_argument("--steps", type=int, required=True, metavar="T", help="number of noisy steps (>= 1)")
+    p.add_argument("--delta", type=float, required=True, help="target delta in (0, 1); use delta << 1/dataset size")
+    p.add_argument("--sampling", default="poisson", metavar="{poisson,without-replacement}",
+                   help="how batches are drawn: poisson (add/remove neighbours, default) or without-replacement "
+                        "(fixed-size batches, replace-one neighbours)")
+    p.add_argument("--dataset-size", type=int, default=None, metavar="N",
+                   help="number of examples; checks delta < 1/N and, with --batch-size, gives the sampling rate")
+    if accountant:
+        p.add_argument("--accountant", default="prv",
+                       help="rdp (Renyi DP, an upper bound), prv (privacy random variables, Gopi et al. 2021) or "
+                            "pld (privacy loss distributions, dp-accounting) (default: prv)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (result plus inputs) instead of text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpfa",
+        description="Privacy accounting for DP-SGD and DP attention releases (dp-flash-attention).",
+        epilog="Example: dpfa epsilon --noise-multiplier 1.0 --sample-rate 0.01 --steps 1000 --delta 1e-5",
+    )
+    from dpfa import __version__
+
+    parser.add_argument("--version", action="version", version=f"dpfa {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("epsilon", help="epsilon spent by a run",
+                       description="Print the epsilon at --delta spent by --steps noisy steps of the mechanism "
+                                   "with this noise multiplier and sampling rate.")
+    p.add_argument("--noise-multiplier", type=float, required=True, metavar="Z",
+                   help="noise scale / sensitivity (sigma / C for the Gaussian); >= 0, 0 means no noise (inf)")
+    _add_common(p)
+    p.set_defaults(func=cmd_epsilon)
+
+    p = sub.add_parser("noise", help="noise multiplier for a target epsilon",
+                       description="Print the smallest noise multiplier whose run stays within --target-epsilon.")
+    p.add_argument("--target-epsilon", type=float, required=True, metavar="EPS", help="epsilon budget, > 0")
+    _add_common(p)
+    p.set_defaults(func=cmd_noise)
+
+    p = sub.add_parser("accountants", help="compare rdp, prv and pld on one configuration",
+                       description="Print every registered accountant's epsilon for one configuration.")
+    p.add_argument("--noise-multiplier", type=float, required=True, metavar="Z",
+                   help="noise scale / sensitivity; >= 0")
+    _add_common(p, accountant=False)
+    p.set_defaults(func=cmd_accountants)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, *a, **k: print(f"dpfa: warning: {msg}", file=sys.stderr)
+        try:
+            return args.func(args)
+        except DPFAError as e:
+            print(f"dpfa: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
