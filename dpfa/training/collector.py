@@ -1,0 +1,114 @@
+"""Hooks that collect per-example gradient contributions during the one backward pass.
+
+A forward hook on every module that owns trainable parameters keeps the module's input;
+a tensor hook on the module's output receives the output gradient in backward, and the
+module's rule (layer_rules.py) turns the pair into factored contributions. Nothing is
+stored on the parameters: the collector, owned by the engine, holds the state.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from dpfa.errors import DPFAError
+from dpfa.training.contributions import Contribution
+from dpfa.training.layer_rules import UNUSED_PARAMETERS, UnsupportedLayerError, rule_for
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+class GradSampleCollector:
+    """Collects, per trainable parameter, the contributions of the current physical batch.
+
+    ``loss_reduction="mean"``: the loss is a mean over the batch, so output gradients are
+    1/B times those of the per-example losses and are scaled back by B.
+    """
+
+    def __init__(self, module: nn.Module, loss_reduction: str = "mean"):
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise DPFAError(f"Unknown loss_reduction={loss_reduction!r}; expected 'mean' or 'sum'.")
+        self.module = module
+        self.loss_reduction = loss_reduction
+        self.contributions: Dict[nn.Parameter, List[Contribution]] = {}
+        self.batch_size: Optional[int] = None
+        self._handles: list = []
+        self.parameters: List[nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
+        self._attach()
+
+    # --------------------------------------------------------------- set-up
+    def _attach(self) -> None:
+        covered: set[int] = set()
+        for name, sub in self.module.named_modules():
+            own = {n: p for n, p in sub.named_parameters(recurse=False) if p.requires_grad}
+            if not own:
+                continue
+            rule = rule_for(sub)
+            if rule is None:
+                raise UnsupportedLayerError(
+                    f"Module {name or '<root>'!r} ({type(sub).__qualname__}) has trainable parameters "
+                    f"{sorted(own)} but dpfa has no per-example gradient rule for it. Supported: nn.Linear, "
+                    "nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.Conv2d, nn.MultiheadAttention (converted), "
+                    "transformers Conv1D/ViTEmbeddings. Freeze it with requires_grad_(False) or register a rule "
+                    "with dpfa.training.layer_rules.register_rule."
+                )
+            covered.update(id(p) for n, p in own.items())
+            self._handles.append(sub.register_forward_hook(self._forward_hook, with_kwargs=True))
+        missing = [n for n, p in self.module.named_parameters() if p.requires_grad and id(p) not in covered]
+        if missing:
+            raise UnsupportedLayerError(f"Trainable parameters {missing} belong to no supported module.")
+
+    def detach(self) -> None:
+        """Remove the hooks (the module becomes an ordinary module again)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # ---------------------------------------------------------------- hooks
+    def _forward_hook(self, module: nn.Module, args, kwargs, output):
+        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(x, torch.Tensor):
+            x = x.detach()
+        rule = rule_for(module)
+
+        def on_grad(g: torch.Tensor) -> None:
+            self._collect(module, rule, x, g)
+
+        output.register_hook(on_grad)
+        return None
+
+    def _collect(self, module: nn.Module, rule, x, g: torch.Tensor) -> None:
+        g = g.detach()
+        batch = g.shape[0]
+        if self.batch_size is None:
+            self.batch_size = batch
+        elif self.batch_size != batch:
+            raise DPFAError(
+                f"Module {type(module).__qualname__} saw batch size {batch} but an earlier module saw "
+                f"{self.batch_size}: dpfa needs the batch dimension first in every layer."
+            )
+        if self.loss_reduction == "mean":
+            g = g * batch
+        for pname, contribution in rule(module, x, g).items():
+            p = getattr(module, pname)
+            self.contributions.setdefault(p, []).append(contribution)
+
+    # ---------------------------------------------------------------- state
+    def clear(self) -> None:
+        self.contributions = {}
+        self.batch_size = None
+
+    def has_contributions(self) -> bool:
+        return bool(self.contributions)
+
+    def unused(self) -> List[nn.Parameter]:
+        """Trainable parameters with no contribution in this batch (no gradient reached them)."""
+        return [p for p in self.parameters if p not in self.contributions]
+
+
+def known_unused(module: nn.Module) -> set[str]:
+    return UNUSED_PARAMETERS.get(type(module).__name__, set())

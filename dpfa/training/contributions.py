@@ -1,0 +1,165 @@
+"""Per-example gradient contributions in factored form, their norms and their clipped sums.
+
+A layer sees, for each example i of a batch, its input activations and its output
+gradients. For a weight W used as ``y_t = W x_t`` the per-example gradient is
+``grad_i = sum_t g_{i,t} x_{i,t}^T = L_i^T R_i`` with ``L_i`` (T x out) and ``R_i``
+(T x in): a :class:`Factored` contribution. It is never materialised:
+
+- ghost norm (Li et al. 2022, "Large language models can be strong DP learners"; Bu et
+  al. 2023, "DP optimization on large models at small cost"):
+  ``||L_i^T R_i||_F^2 = sum_{s,t} (L_s . L_t)(R_s . R_t)``, computed in row tiles so
+  that memory is O(tile x T), never T x T for the whole batch at once;
+- direct norm: accumulate the squared entries of ``L_i^T R_i`` over tiles of the output
+  dimension, O(tile x in) memory per example;
+- the cost picks one per parameter: ghost ~ 2 T^2 (out + in), direct ~ 2 T out in
+  (DESIGN.md 1.1).
+
+A parameter used by several modules (tied weights: GPT-2's embedding and LM head) gets
+one contribution per use; the per-example gradient is their sum, which in factored form
+is the concatenation of the factors along T, so the norm of the sum (not the sum of
+norms) comes out of the same formulas. An embedding's left factor is one-hot; it is kept
+as indices (``num_rows``) and expanded only when tied to a dense factor.
+
+Small parameters (biases, normalisation scales) use :class:`PerExample`: their
+per-example gradients (B x param) are materialised, which costs no more than the
+activations.
+
+The clipped sum ``sum_i c_i grad_i`` is ``L^T diag(c) R`` (book-keeping, Bu et al. 2023):
+one contraction, no per-example gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+import torch
+
+#: rows of the T x T Gram matrices computed at once by the ghost norm
+GHOST_TILE = 256
+#: output rows of the per-example gradient materialised at once by the direct norm
+DIRECT_TILE = 64
+
+
+@dataclasses.dataclass
+class Factored:
+    """Per-example gradient ``grad_i = L_i^T R_i`` reshaped to the parameter's shape.
+
+    ``left`` is (B, T, out) floating point, or (B, T) integer row indices of a one-hot
+    left factor with ``num_rows`` columns (an embedding lookup). ``right`` is (B, T, in).
+    ``transpose`` marks a parameter stored as (in, out) (transformers' Conv1D).
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    num_rows: Optional[int] = None
+    transpose: bool = False
+
+    @property
+    def batch_size(self) -> int:
+        return self.right.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.num_rows if self.num_rows is not None else self.left.shape[-1]
+
+    def dense_left(self) -> torch.Tensor:
+        if self.num_rows is None:
+            return self.left
+        return torch.nn.functional.one_hot(self.left, self.num_rows).to(self.right.dtype)
+
+
+@dataclasses.dataclass
+class PerExample:
+    """Materialised per-example gradients, (B, *param.shape)."""
+
+    grad: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.grad.shape[0]
+
+
+Contribution = Union[Factored, PerExample]
+
+
+def _ghost_sq_norms(left: Sequence[torch.Tensor], right: torch.Tensor, rows: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
+    """sum_{s,t} (L_s . L_t)(R_s . R_t) per example, tiled over s.
+
+    ``left`` is one dense (B, T, out) tensor, or None with ``rows`` (B, T) indices of a
+    one-hot factor, whose Gram matrix is [rows_s == rows_t].
+    """
+    B, T, _ = right.shape
+    out = right.new_zeros(B, dtype=torch.float64 if right.dtype == torch.float64 else torch.float32)
+    for s0 in range(0, T, GHOST_TILE):
+        s1 = min(T, s0 + GHOST_TILE)
+        gram_r = torch.bmm(right[:, s0:s1], right.transpose(1, 2))  # (B, tile, T)
+        if rows is not None:
+            gram_l = (rows[:, s0:s1, None] == rows[:, None, :]).to(gram_r.dtype)
+        else:
+            gram_l = torch.bmm(left[:, s0:s1], left.transpose(1, 2))
+        out += (gram_l * gram_r).sum(dim=(1, 2)).to(out.dtype)
+    return out
+
+
+def _direct_sq_norms(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """||L_i^T R_i||_F^2 per example, materialising DIRECT_TILE output rows at a time."""
+    B, _, n_out = left.shape
+    out = right.new_zeros(B, dtype=torch.float64 if right.dtype == torch.float64 else torch.float32)
+    for o0 in range(0, n_out, DIRECT_TILE):
+        block = torch.bmm(left[:, :, o0:o0 + DIRECT_TILE].transpose(1, 2), right)  # (B, tile, in)
+        out += block.pow(2).sum(dim=(1, 2)).to(out.dtype)
+    return out
+
+
+def prefers_ghost(T: int, n_out: int, n_in: int) -> bool:
+    """Ghost norm when 2 T^2 (out + in) < 2 T out in, i.e. T (out + in) < out in."""
+    return T * (n_out + n_in) < n_out * n_in
+
+
+def squared_norms(contributions: Sequence[Contribution], method: str = "auto") -> torch.Tensor:
+    """Per-example squared norm of the gradient summed over ``contributions`` (one parameter).
+
+    ``method`` is "auto" (by cost), "ghost" or "direct" for factored contributions.
+    """
+    if not contributions:
+        raise ValueError("squared_norms() needs at least one contribution.")
+    if all(isinstance(c, PerExample) for c in contributions):
+        total = contributions[0].grad
+        for c in contributions[1:]:
+            total = total + c.grad
+        return total.flatten(1).pow(2).sum(1).float() if total.dtype != torch.float64 else total.flatten(1).pow(2).sum(1)
+    if not all(isinstance(c, Factored) for c in contributions):
+        raise TypeError("A parameter cannot mix factored and materialised per-example contributions.")
+    transposes = {c.transpose for c in contributions}
+    if len(transposes) != 1:
+        raise TypeError("Tied uses of one parameter must store it the same way round.")
+    if len(contributions) == 1 and contributions[0].num_rows is not None:
+        c = contributions[0]
+        return _ghost_sq_norms(None, c.right, rows=c.left)
+    left = torch.cat([c.dense_left() for c in contributions], dim=1)
+    right = torch.cat([c.right for c in contributions], dim=1)
+    T, n_out, n_in = right.shape[1], left.shape[2], right.shape[2]
+    use_ghost = method == "ghost" or (method == "auto" and prefers_ghost(T, n_out, n_in))
+    return _ghost_sq_norms(left, right) if use_ghost else _direct_sq_norms(left, right)
+
+
+def clipped_sum(contributions: Sequence[Contribution], factors: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """sum_i factors_i grad_i summed over ``contributions``, in the parameter's ``shape``."""
+    total = None
+    for c in contributions:
+        if isinstance(c, PerExample):
+            part = torch.einsum("b,b...->...", factors.to(c.grad.dtype), c.grad)
+        elif c.num_rows is not None:
+            weighted = c.right * factors.to(c.right.dtype)[:, None, None]
+            part = c.right.new_zeros(c.num_rows, c.right.shape[-1])
+            part.index_add_(0, c.left.reshape(-1), weighted.reshape(-1, c.right.shape[-1]))
+        else:
+            weighted = c.left * factors.to(c.left.dtype)[:, None, None]
+            part = torch.einsum("bto,bti->oi", weighted, c.right)
+        if isinstance(c, Factored) and c.transpose:
+            part = part.t()
+        part = part.reshape(shape)
+        total = part if total is None else total + part
+    return total

@@ -1,0 +1,273 @@
+"""PrivacyEngine: DP-SGD with per-example clipping in one backward pass (DESIGN.md 1.1).
+
+``make_private(module, optimizer, data_loader, ...)`` returns the triple Opacus users know:
+the same module with collecting hooks, a :class:`DPOptimizer`, and a loader that samples
+batches the way the accountant assumes. The engine owns every piece of per-run state
+(accountant, step count, random generators), and its ``state_dict`` goes into checkpoints
+so that a resumed run reports the same epsilon and never under-counts.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from typing import Any, Dict, NamedTuple, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dpfa import _validate, accountants, mechanisms
+from dpfa.accountants.calibration import noise_multiplier_for
+from dpfa.errors import BudgetExceededError, DPFAError, PrivacyParameterError, StateMismatchError
+from dpfa.training.clipping import CLIPPING_MODES, per_layer_thresholds
+from dpfa.training.collector import GradSampleCollector
+from dpfa.training.data_loader import (BatchInfo, DPDataLoader, PoissonBatchSampler,
+                                       WithoutReplacementBatchSampler)
+from dpfa.training.multihead_attention import convert_multihead_attention, remap_optimizer
+from dpfa.training.optimizer import DPOptimizer
+
+ENGINE_MECHANISMS = ("gaussian", "laplace")
+
+
+class PrivacyEngine:
+    """DP-SGD engine. ``accountant``: "prv", "rdp" or "pld"; ``mechanism``: "gaussian" or "laplace".
+
+    ``secure_rng=True`` draws every noise and sampling seed from the OS CSPRNG
+    (``secrets``); otherwise generators are seeded from ``seed`` (reproducible runs, not
+    secure against an adversary who learns the seed).
+    """
+
+    def __init__(self, accountant: str = "prv", mechanism="gaussian", secure_rng: bool = False,
+                 seed: Optional[int] = None):
+        self.accountant = accountants.create(accountant)
+        self.mechanism = mechanisms.resolve(mechanism)
+        if self.mechanism.name not in ENGINE_MECHANISMS:
+            raise PrivacyParameterError(
+                f"The DP-SGD engine supports mechanism in {ENGINE_MECHANISMS}, got {self.mechanism.name!r}."
+            )
+        self.secure_rng = bool(secure_rng)
+        self.seed = secrets.randbits(62) if seed is None else int(seed)
+        self.steps = 0
+        self.noise_multiplier: Optional[float] = None
+        self.sample_rate: Optional[float] = None
+        self.sampling: Optional[str] = None
+        self.max_grad_norm: Optional[float] = None
+        self.target_epsilon: Optional[float] = None
+        self.target_delta: Optional[float] = None
+        self.max_steps: Optional[int] = None
+        self._noise_generators: Dict[str, torch.Generator] = {}
+        self.sampler_generator = torch.Generator()
+        self.sampler_generator.manual_seed(self.seed ^ 0x5A5A5A5A)
+        self.batch_info = BatchInfo()
+
+    # ------------------------------------------------------------ randomness
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._noise_generators:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._noise_generators[key] = g
+        g = self._noise_generators[key]
+        if self.secure_rng:
+            g.manual_seed(secrets.randbits(63))
+        return g
+
+    # ------------------------------------------------------------- set-up
+    def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *,
+                     noise_multiplier: Optional[float] = None, target_epsilon: Optional[float] = None,
+                     target_delta: float, epochs: Optional[int] = None, max_grad_norm: float,
+                     clipping: str = "flat", per_layer_norms: Optional[Sequence[float]] = None,
+                     poisson_sampling: bool = True, max_physical_batch_size: Optional[int] = None,
+                     loss_reduction: str = "mean"):
+        """Make (module, optimizer, data_loader) private; returns the new triple.
+
+        Give exactly one of ``noise_multiplier`` and ``target_epsilon`` (with ``epochs``):
+        the latter calibrates the noise so that ``epochs`` epochs spend ``target_epsilon``,
+        and training stops with BudgetExceededError before a step that would exceed it.
+        """
+        if self.noise_multiplier is not None:
+            raise DPFAError("This PrivacyEngine already made a model private; create one engine per run.")
+        self.target_delta = _validate.delta(target_delta, "target_delta")
+        self.max_grad_norm = _validate.positive(max_grad_norm, "max_grad_norm")
+        _validate.choice(clipping, "clipping", CLIPPING_MODES)
+        if clipping == "per_layer" and self.mechanism.sensitivity_norm != "l2":
+            raise PrivacyParameterError("clipping='per_layer' needs an L2 mechanism (gaussian).")
+        dataset = getattr(data_loader, "dataset", None)
+        batch_size = getattr(data_loader, "batch_size", None)
+        if dataset is None or batch_size is None:
+            raise DPFAError("make_private needs a torch DataLoader built with a dataset and a batch_size.")
+        try:
+            n = len(dataset)
+        except TypeError:
+            raise DPFAError("make_private needs a dataset with a length (the dataset size sets the sampling rate).")
+        if batch_size > n:
+            raise PrivacyParameterError(f"batch_size={batch_size} is larger than the dataset ({n} examples).")
+        self.sampling = "poisson" if poisson_sampling else "without_replacement"
+        self.sample_rate = batch_size / n
+        sampler = (PoissonBatchSampler(n, self.sample_rate, self.sampler_generator) if poisson_sampling else
+                   WithoutReplacementBatchSampler(n, batch_size, self.sampler_generator))
+        steps_per_epoch = len(sampler)
+
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise PrivacyParameterError(
+                "Give exactly one of noise_multiplier and target_epsilon (with epochs); got "
+                f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}."
+            )
+        if target_epsilon is not None:
+            self.target_epsilon = _validate.epsilon(target_epsilon, "target_epsilon")
+            if epochs is None:
+                raise PrivacyParameterError("target_epsilon needs epochs (the number of epochs it must last).")
+            total = _validate.count(epochs, "epochs") * steps_per_epoch
+            noise_multiplier = noise_multiplier_for(self.target_epsilon, self.target_delta, self.sample_rate, total,
+                                                    accountant=self.accountant.name, mechanism=self.mechanism,
+                                                    sampling=self.sampling)
+        self.noise_multiplier = _validate.noise_multiplier(noise_multiplier)
+        if self.noise_multiplier == 0:
+            warnings.warn("noise_multiplier=0: training is NOT private (epsilon = inf); use it only to check "
+                          "exactness.", stacklevel=2)
+        self.max_steps = self._max_steps() if self.target_epsilon is not None else None
+
+        module, replaced = convert_multihead_attention(module)
+        remap_optimizer(optimizer, replaced)
+        collector = GradSampleCollector(module, loss_reduction=loss_reduction)
+        thresholds = None
+        if clipping == "per_layer":
+            cs = per_layer_thresholds(collector.parameters, self.max_grad_norm, per_layer_norms)
+            thresholds = dict(zip(collector.parameters, cs))
+        dp_optimizer = DPOptimizer(
+            optimizer, collector, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            expected_batch_size=batch_size, mechanism=self.mechanism, clipping=clipping,
+            per_layer_thresholds=thresholds, noise_generator=self._noise_generator,
+            before_step=self._before_step, after_step=self._after_step, batch_info=self.batch_info,
+        )
+        loader = DPDataLoader(dataset, sampler, collate_fn=data_loader.collate_fn,
+                              max_physical_batch_size=max_physical_batch_size, info=self.batch_info)
+        return module, dp_optimizer, loader
+
+    # ---------------------------------------------------------- accounting
+    def _event_accountant(self, extra_steps: int):
+        acc = type(self.accountant)()
+        acc.load_state_dict(self.accountant.state_dict())
+        if extra_steps:
+            acc.compose(self.mechanism, self.noise_multiplier, self.sample_rate, extra_steps, sampling=self.sampling)
+        return acc
+
+    def _max_steps(self) -> int:
+        """Largest total step count whose epsilon at target_delta stays <= target_epsilon."""
+        if self.noise_multiplier == 0:
+            return self.steps
+        eps = lambda k: self._event_accountant(k).get_epsilon(self.target_delta)  # noqa: E731
+        if eps(1) > self.target_epsilon:
+            return self.steps
+        lo, hi = 1, 2
+        while eps(hi) <= self.target_epsilon:
+            lo, hi = hi, hi * 2
+            if hi > 10**9:
+                return 10**9
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if eps(mid) <= self.target_epsilon:
+                lo = mid
+            else:
+                hi = mid
+        return self.steps + lo
+
+    def _before_step(self) -> None:
+        if self.max_steps is not None and self.steps + 1 > self.max_steps:
+            raise BudgetExceededError(
+                f"Step {self.steps + 1} would spend more than target_epsilon={self.target_epsilon:g} at "
+                f"delta={self.target_delta:g} (epsilon so far {self.get_epsilon(self.target_delta):.4f}); the step "
+                "was not taken."
+            )
+
+    def _after_step(self) -> None:
+        self.accountant.compose(self.mechanism, self.noise_multiplier, self.sample_rate, 1, sampling=self.sampling)
+        self.steps += 1
+
+    def get_epsilon(self, delta: Optional[float] = None) -> float:
+        """epsilon spent so far at ``delta`` (default: target_delta)."""
+        return self.accountant.get_epsilon(self.target_delta if delta is None else delta)
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> Dict[str, Any]:
+        state = {
+            "accountant": self.accountant.state_dict(),
+            "steps": self.steps,
+            "config": {"noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
+                       "sampling": self.sampling, "max_grad_norm": self.max_grad_norm,
+                       "mechanism": self.mechanism.name, "target_epsilon": self.target_epsilon,
+                       "target_delta": self.target_delta},
+            "seed": self.seed,
+            "secure_rng": self.secure_rng,
+        }
+        if not self.secure_rng:
+            state["sampler_rng"] = self.sampler_generator.get_state()
+            state["noise_rng"] = {k: g.get_state() for k, g in self._noise_generators.items()}
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore after make_private; the configuration must match the saved one."""
+        mine = self.state_dict()["config"]
+        theirs = state["config"]
+        for k in ("noise_multiplier", "sample_rate", "sampling", "max_grad_norm", "mechanism"):
+            if mine[k] != theirs[k] and mine[k] is not None:
+                raise StateMismatchError(f"Checkpoint has {k}={theirs[k]!r} but this engine has {mine[k]!r}.")
+        self.accountant.load_state_dict(state["accountant"])
+        self.steps = int(state["steps"])
+        self.seed = int(state["seed"])
+        if not self.secure_rng and "sampler_rng" in state:
+            self.sampler_generator.set_state(state["sampler_rng"])
+            for k, s in state.get("noise_rng", {}).items():
+                g = torch.Generator(device=k)
+                g.set_state(s)
+                self._noise_generators[k] = g
+        if self.target_epsilon is not None:
+            self.max_steps = self._max_steps()
+
+    def save_checkpoint(self, path, module: nn.Module, optimizer: Optional[DPOptimizer] = None, **extra) -> None:
+        """Save module, optimizer and engine state (the privacy spent) in one file."""
+        torch.save({"module": module.state_dict(),
+                    "optimizer": None if optimizer is None else optimizer.state_dict(),
+                    "privacy_engine": self.state_dict(), **extra}, path)
+
+    def load_checkpoint(self, path, module: nn.Module, optimizer: Optional[DPOptimizer] = None) -> Dict[str, Any]:
+        ckpt = torch.load(path, weights_only=False)
+        module.load_state_dict(ckpt["module"])
+        if optimizer is not None and ckpt.get("optimizer") is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        self.load_state_dict(ckpt["privacy_engine"])
+        return ckpt
+
+
+class PrivateTraining(NamedTuple):
+    model: nn.Module
+    optimizer: DPOptimizer
+    data_loader: DPDataLoader
+    engine: PrivacyEngine
+
+
+def make_model_differentially_private(model: nn.Module, target_epsilon: float, target_delta: float,
+                                      num_epochs: int, batch_size: int, dataset_size: Optional[int] = None,
+                                      max_grad_norm: float = 1.0, *, dataset=None, optimizer=None, lr: float = 1e-3,
+                                      accountant: str = "prv", mechanism: str = "gaussian", **kwargs
+                                      ) -> PrivateTraining:
+    """The seed's one-call form: a private (model, optimizer, data_loader, engine) for a budget.
+
+    ``dataset`` gives the training data (its length is the dataset size); the optimizer
+    defaults to Adam(lr). The noise is calibrated so that ``num_epochs`` epochs spend
+    exactly ``target_epsilon``; more steps stop with BudgetExceededError.
+    """
+    if dataset is None:
+        raise PrivacyParameterError("make_model_differentially_private needs dataset= (the training data).")
+    if dataset_size is not None and dataset_size != len(dataset):
+        raise PrivacyParameterError(f"dataset_size={dataset_size} but len(dataset)={len(dataset)}.")
+    batch_size = _validate.count(batch_size, "batch_size")
+    if optimizer is None:
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    engine = PrivacyEngine(accountant=accountant, mechanism=mechanism)
+    loader = DataLoader(dataset, batch_size=batch_size)
+    m, o, dl = engine.make_private(model, optimizer, loader, target_epsilon=target_epsilon, target_delta=target_delta,
+                                   epochs=num_epochs, max_grad_norm=max_grad_norm, **kwargs)
+    return PrivateTraining(m, o, dl, engine)

@@ -1,0 +1,141 @@
+"""DPOptimizer: clip per example, sum, add noise once per logical batch, then step.
+
+Wraps any torch optimizer. ``step()`` on a physical batch that is not the last of its
+logical batch only accumulates the clipped sum (virtual steps); on the last one it adds
+noise of scale ``noise_multiplier * max_grad_norm`` from the mechanism, once per
+parameter, divides by the expected batch size and lets the wrapped optimizer step:
+
+    grad = (sum_i c_i grad_i + z) / E[B],   z ~ mechanism(scale = sigma C).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from dpfa.errors import DPFAError
+from dpfa.mechanisms.base import DPMechanism
+from dpfa.training.clipping import clipped_grads
+from dpfa.training.collector import GradSampleCollector
+
+
+class DPOptimizer:
+    """A torch optimizer made private. Attribute access falls through to the wrapped one."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, collector: GradSampleCollector, *,
+                 noise_multiplier: float, max_grad_norm: float, expected_batch_size: float,
+                 mechanism: DPMechanism, clipping: str = "flat",
+                 per_layer_thresholds: Optional[Dict[nn.Parameter, float]] = None,
+                 noise_generator: Callable[[torch.device], Optional[torch.Generator]] = lambda d: None,
+                 before_step: Callable[[], None] = lambda: None, after_step: Callable[[], None] = lambda: None,
+                 batch_info: Optional[object] = None):
+        self.original_optimizer = optimizer
+        self.collector = collector
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.expected_batch_size = expected_batch_size
+        self.mechanism = mechanism
+        self.clipping = clipping
+        self.per_layer_thresholds = per_layer_thresholds
+        self.noise_generator = noise_generator
+        self.before_step = before_step
+        self.after_step = after_step
+        self.batch_info = batch_info
+        self.norm = "l1" if mechanism.sensitivity_norm == "l1" else "l2"
+        self.summed: Dict[nn.Parameter, torch.Tensor] = {}
+        self.physical_batches = 0
+        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        untracked = [p for p in self.params if all(p is not q for q in collector.parameters)]
+        if untracked:
+            raise DPFAError(f"{len(untracked)} parameters of the optimizer are not parameters of the private module.")
+
+    # ------------------------------------------------------------ delegation
+    def __getattr__(self, name):
+        return getattr(self.original_optimizer, name)
+
+    @property
+    def param_groups(self):
+        return self.original_optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.original_optimizer.state
+
+    def state_dict(self):
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state):
+        self.original_optimizer.load_state_dict(state)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the parameters' gradients and drop the current physical batch's contributions."""
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        self.collector.clear()
+
+    # ------------------------------------------------------------------ step
+    def _end_of_logical_batch(self) -> bool:
+        return True if self.batch_info is None else bool(getattr(self.batch_info, "end_of_logical_batch", True))
+
+    def _accumulate(self) -> None:
+        """Add this physical batch's clipped sum to the logical batch's."""
+        if not self.collector.has_contributions():
+            last = None if self.batch_info is None else getattr(self.batch_info, "last_batch_size", None)
+            if last != 0:
+                raise DPFAError(
+                    "optimizer.step() was called with no per-example gradients: call loss.backward() first. (Only "
+                    "an empty Poisson batch may step without a backward pass.)"
+                )
+            return
+        sums = clipped_grads(self.collector.contributions, self.max_grad_norm, self.clipping, self.norm,
+                             self.per_layer_thresholds)
+        for p, s in sums.items():
+            self.summed[p] = s if p not in self.summed else self.summed[p] + s
+        self.collector.clear()
+
+    def _add_noise(self) -> None:
+        scale = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            total = self.summed.get(p)
+            if total is None:
+                total = torch.zeros_like(p)
+            if scale > 0:
+                noise = self.mechanism.sample(tuple(p.shape), scale, generator=self.noise_generator(p.device),
+                                              device=p.device, dtype=torch.float32)
+                total = total + noise.to(total.dtype)
+            p.grad = (total / self.expected_batch_size).to(p.dtype)
+        self.summed = {}
+
+    def pre_step(self) -> bool:
+        """Clip and accumulate; at the end of a logical batch add noise and return True."""
+        self._accumulate()
+        self.physical_batches += 1
+        if not self._end_of_logical_batch():
+            for p in self.params:  # the wrapped optimizer must not see this batch's raw gradients
+                p.grad = None
+            return False
+        self.before_step()  # the engine checks the budget here, before anything is released
+        self._add_noise()
+        self.physical_batches = 0
+        return True
+
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.pre_step():
+            self.original_optimizer.step()
+            self.after_step()
+        return loss
+
+    def __repr__(self) -> str:
+        return (f"DPOptimizer({type(self.original_optimizer).__name__}, noise_multiplier={self.noise_multiplier}, "
+                f"max_grad_norm={self.max_grad_norm}, mechanism={self.mechanism.name!r}, clipping={self.clipping!r})")
+
+
+def warn_zero_noise() -> None:
+    warnings.warn("noise_multiplier=0: training is NOT private (epsilon = inf). Use this only to check exactness.",
+                  stacklevel=3)
