@@ -35,11 +35,13 @@ class GradSampleCollector:
         self.contributions: Dict[nn.Parameter, List[Contribution]] = {}
         self.batch_size: Optional[int] = None
         self._handles: list = []
+        self._forward_batch: Optional[int] = None
         self.parameters: List[nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
         self._attach()
 
     # --------------------------------------------------------------- set-up
     def _attach(self) -> None:
+        self._handles.append(self.module.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
         covered: set[int] = set()
         for name, sub in self.module.named_modules():
             own = {n: p for n, p in sub.named_parameters(recurse=False) if p.requires_grad}
@@ -67,19 +69,34 @@ class GradSampleCollector:
         self._handles.clear()
 
     # ---------------------------------------------------------------- hooks
+    def _root_pre_hook(self, module: nn.Module, args, kwargs):
+        """A new forward pass: its batch size is the root input's first dimension (if a tensor)."""
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        self._forward_batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+        return None
+
     def _forward_hook(self, module: nn.Module, args, kwargs, output):
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
         x = args[0] if args else next(iter(kwargs.values()), None)
         if isinstance(x, torch.Tensor):
             x = x.detach()
+        if self._forward_batch is None:
+            self._forward_batch = output.shape[0]
+        replaced = None
+        B = self._forward_batch
+        if output.dim() > 0 and output.shape[0] == 1 and B > 1 and isinstance(x, torch.Tensor) and x.shape[0] == 1:
+            # a batch-1 output broadcast against the batch (GPT-2's position embedding of shape (1, T)):
+            # expand it so that the output gradient arrives per example; the forward value is unchanged.
+            output = replaced = output.expand(B, *output.shape[1:])
+            x = x.expand(B, *x.shape[1:])
         rule = rule_for(module)
 
         def on_grad(g: torch.Tensor) -> None:
             self._collect(module, rule, x, g)
 
         output.register_hook(on_grad)
-        return None
+        return replaced
 
     def _collect(self, module: nn.Module, rule, x, g: torch.Tensor) -> None:
         g = g.detach()

@@ -84,8 +84,9 @@ class PrivacyEngine:
         """Make (module, optimizer, data_loader) private; returns the new triple.
 
         Give exactly one of ``noise_multiplier`` and ``target_epsilon`` (with ``epochs``):
-        the latter calibrates the noise so that ``epochs`` epochs spend ``target_epsilon``,
-        and training stops with BudgetExceededError before a step that would exceed it.
+        the latter calibrates the noise so that ``epochs`` epochs (a real number: 0.5 is
+        half an epoch) spend ``target_epsilon``, and training stops with
+        BudgetExceededError before a step that would exceed it.
         """
         if self.noise_multiplier is not None:
             raise DPFAError("This PrivacyEngine already made a model private; create one engine per run.")
@@ -119,7 +120,7 @@ class PrivacyEngine:
             self.target_epsilon = _validate.epsilon(target_epsilon, "target_epsilon")
             if epochs is None:
                 raise PrivacyParameterError("target_epsilon needs epochs (the number of epochs it must last).")
-            total = _validate.count(epochs, "epochs") * steps_per_epoch
+            total = max(1, math.ceil(_validate.positive(epochs, "epochs") * steps_per_epoch))
             noise_multiplier = noise_multiplier_for(self.target_epsilon, self.target_delta, self.sample_rate, total,
                                                     accountant=self.accountant.name, mechanism=self.mechanism,
                                                     sampling=self.sampling)
