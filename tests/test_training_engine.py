@@ -349,3 +349,86 @@ def test_unsupported_layer_is_named(gen):
 def test_discrete_gaussian_is_refused_by_the_engine():
     with pytest.raises(PrivacyParameterError, match="gaussian"):
         PrivacyEngine(mechanism="discrete_gaussian")
+
+
+def gpt_model():
+    from dpfa.models import GPT, GPTConfig
+
+    return GPT(GPTConfig(vocab_size=11, block_size=9, n_layer=2, n_head=2, n_embd=8))
+
+
+CASES["dpfa_gpt"] = (gpt_model, "tokens", lm_loss)
+
+
+@pytest.mark.parametrize("C", [0.05, 1e3])
+def test_dpfa_gpt_step_equals_textbook(C, gen):
+    test_one_step_equals_textbook_dp_sgd("dpfa_gpt", C, gen)
+
+
+def _pure_noise_step(mechanism, sigma, C, B, physical=None, secure_rng=False, seed=5):
+    torch.manual_seed(3)
+    model = nn.Linear(100, 40)
+    x = torch.zeros(B, 100)
+    y = torch.zeros(B, 40)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine = PrivacyEngine(accountant="rdp", mechanism=mechanism, seed=seed, secure_rng=secure_rng)
+    model, opt, loader = engine.make_private(model, opt, DataLoader(TensorDataset(x, y), batch_size=B),
+                                             noise_multiplier=sigma, target_delta=1e-5, max_grad_norm=C,
+                                             poisson_sampling=False, max_physical_batch_size=physical)
+    with torch.no_grad():
+        model.bias.zero_()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    for xb, yb in loader:
+        opt.zero_grad()
+        mse_loss(model(xb), yb).backward()
+        opt.step()
+        if engine.steps == 1:
+            break
+    return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+
+
+@pytest.mark.parametrize("physical", [None, 3])
+def test_noise_added_once_per_logical_batch(physical):
+    """With k physical batches the noise std is still sigma C / B (not sqrt(k) times it)."""
+    step = _pure_noise_step("gaussian", 1.3, 0.7, 8, physical=physical)
+    expected = 1.3 * 0.7 / 8
+    assert abs(step.std().item() / expected - 1) < 5 / math.sqrt(2 * step.numel())
+
+
+def test_laplace_noise_scale():
+    """Laplace: b = z C, std sqrt(2) b / B."""
+    step = _pure_noise_step("laplace", 0.8, 1.5, 10)
+    b = 0.8 * 1.5 / 10
+    # mean absolute deviation of Lap(b) is b; its sample mean has std b / sqrt(n)
+    assert abs(step.abs().mean().item() / b - 1) < 5 / math.sqrt(step.numel())
+
+
+def test_seeded_noise_is_reproducible_and_secure_rng_is_not():
+    a = _pure_noise_step("gaussian", 1.0, 1.0, 4, seed=9)
+    b = _pure_noise_step("gaussian", 1.0, 1.0, 4, seed=9)
+    assert torch.equal(a, b)
+    c = _pure_noise_step("gaussian", 1.0, 1.0, 4, seed=9, secure_rng=True)
+    d = _pure_noise_step("gaussian", 1.0, 1.0, 4, seed=9, secure_rng=True)
+    assert not torch.equal(c, d) and not torch.equal(a, c)
+
+
+def test_l1_clipping_for_laplace(gen):
+    """Laplace mechanism clips the L1 norm of each example's whole gradient."""
+    torch.manual_seed(6)
+    model = mlp_model()
+    x, y = data_for("mlp", 5, gen)
+    grads = per_example_grads(copy.deepcopy(model), mse_loss, x, y)
+    l1 = sum(g.flatten(1).abs().sum(1) for g in grads.values())
+    C = float(l1.min()) / 3  # every example clipped
+    factors = torch.clamp(C / (l1 + 1e-6), max=1.0)
+    expected = {n: torch.einsum("b,b...->...", factors, g) / 5 for n, g in grads.items()}
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with pytest.warns(UserWarning):
+        model, opt, _ = PrivacyEngine(accountant="rdp", mechanism="laplace").make_private(
+            model, opt, loader, noise_multiplier=0.0, target_delta=1e-5, max_grad_norm=C, poisson_sampling=False)
+    opt.zero_grad()
+    mse_loss(model(x), y).backward()
+    assert opt.pre_step()
+    for n, p in model.named_parameters():
+        assert_rel_close(p.grad, expected[n], msg=n)
