@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 from typing import Iterator, List, Optional
 
 import torch
@@ -33,14 +34,23 @@ class BatchInfo:
     last_batch_size: Optional[int] = None
 
 
+def _fresh(generator: Optional[torch.Generator], secure: bool) -> Optional[torch.Generator]:
+    """The generator, re-keyed from the OS CSPRNG when ``secure`` (one key per batch)."""
+    if secure:
+        generator = generator if generator is not None else torch.Generator()
+        generator.manual_seed(secrets.randbits(63))
+    return generator
+
+
 class PoissonBatchSampler(Sampler[List[int]]):
     """Each of ``n`` indices independently with probability ``sample_rate``; round(1/q) batches an epoch."""
 
     def __init__(self, num_samples: int, sample_rate: float, generator: Optional[torch.Generator] = None,
-                 steps: Optional[int] = None):
+                 steps: Optional[int] = None, secure: bool = False):
         self.num_samples = _validate.count(num_samples, "dataset size")
         self.sample_rate = _validate.sample_rate(sample_rate)
         self.generator = generator
+        self.secure = secure
         self.steps = steps if steps is not None else max(1, round(1.0 / self.sample_rate))
 
     def __len__(self) -> int:
@@ -48,7 +58,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
 
     def __iter__(self) -> Iterator[List[int]]:
         for _ in range(self.steps):
-            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            mask = torch.rand(self.num_samples, generator=_fresh(self.generator, self.secure)) < self.sample_rate
             yield mask.nonzero(as_tuple=True)[0].tolist()
 
 
@@ -56,7 +66,8 @@ class WithoutReplacementBatchSampler(Sampler[List[int]]):
     """Each batch a uniform random subset of exactly ``batch_size`` of ``n`` indices, independent across steps."""
 
     def __init__(self, num_samples: int, batch_size: int, generator: Optional[torch.Generator] = None,
-                 steps: Optional[int] = None):
+                 steps: Optional[int] = None, secure: bool = False):
+        self.secure = secure
         self.num_samples = _validate.count(num_samples, "dataset size")
         self.batch_size = _validate.count(batch_size, "batch_size")
         if self.batch_size > self.num_samples:
@@ -69,7 +80,8 @@ class WithoutReplacementBatchSampler(Sampler[List[int]]):
 
     def __iter__(self) -> Iterator[List[int]]:
         for _ in range(self.steps):
-            yield torch.randperm(self.num_samples, generator=self.generator)[: self.batch_size].tolist()
+            perm = torch.randperm(self.num_samples, generator=_fresh(self.generator, self.secure))
+            yield perm[: self.batch_size].tolist()
 
 
 def _empty_like_batch(dataset: Dataset, collate_fn):

@@ -107,8 +107,9 @@ class PrivacyEngine:
             raise PrivacyParameterError(f"batch_size={batch_size} is larger than the dataset ({n} examples).")
         self.sampling = "poisson" if poisson_sampling else "without_replacement"
         self.sample_rate = batch_size / n
-        sampler = (PoissonBatchSampler(n, self.sample_rate, self.sampler_generator) if poisson_sampling else
-                   WithoutReplacementBatchSampler(n, batch_size, self.sampler_generator))
+        sampler = (PoissonBatchSampler(n, self.sample_rate, self.sampler_generator, secure=self.secure_rng)
+                   if poisson_sampling else
+                   WithoutReplacementBatchSampler(n, batch_size, self.sampler_generator, secure=self.secure_rng))
         steps_per_epoch = len(sampler)
 
         if (noise_multiplier is None) == (target_epsilon is None):
