@@ -75,6 +75,65 @@ class GaussianMechanism(DPMechanism):
     def epsilon(self, scale: float, sensitivity: float, delta: float) -> float:
         return analytic_gaussian_epsilon(scale, sensitivity, delta)
 
+    def pld(self, noise_multiplier: float, sampling_prob: float = 1.0, neighboring: str = "add_remove",
+            value_discretization_interval: float = 1e-4):
+        """dp-accounting PLD (pessimistic, connect-the-dots) of one Poisson-subsampled release.
+
+        add_remove: the pairs (1-q) N(0, z^2) + q N(1, z^2) vs N(0, z^2) (remove) and its
+        converse (add), both kept (Zhu, Dong & Wang 2022; Doroshenko et al. 2022).
+        replace_one: dp-accounting's REPLACE_ONE pair, (1-q) N(0, z^2) + q N(-1, z^2) vs
+        (1-q) N(0, z^2) + q N(1, z^2): replacing one example moves the sum by up to 2 C,
+        so with q = 1 it is the Gaussian of sensitivity 2.
+        """
+        from dp_accounting.pld import privacy_loss_distribution as pld_lib
+        from dp_accounting.privacy_accountant import NeighboringRelation
+
+        relation = {"add_remove": NeighboringRelation.ADD_OR_REMOVE_ONE,
+                    "replace_one": NeighboringRelation.REPLACE_ONE}[_validate.choice(
+                        neighboring, "neighboring", ("add_remove", "replace_one"))]
+        return pld_lib.from_gaussian_mechanism(
+            standard_deviation=_validate.positive(noise_multiplier, "noise_multiplier"),
+            sensitivity=1.0,
+            sampling_prob=_validate.sample_rate(sampling_prob, "sampling_prob"),
+            neighboring_relation=relation,
+            value_discretization_interval=_validate.positive(value_discretization_interval,
+                                                             "value_discretization_interval"),
+            pessimistic_estimate=True,
+        )
+
+    def prv(self, noise_multiplier: float, sampling_prob: float = 1.0, neighboring: str = "add_remove",
+            direction: str = "remove"):
+        """prv-accountant PrivacyRandomVariable of one Poisson-subsampled release.
+
+        q = 1: ``GaussianMechanism`` of sensitivity 1 (add_remove) or 2 (replace_one); both
+        directions coincide. q < 1, add_remove: direction "remove" is prv-accountant's
+        ``PoissonSubsampledGaussianMechanism``, the pair (1-q) N(0, z^2) + q N(1, z^2) vs
+        N(0, z^2) (as :class:`dpfa.accountants.prv.PoissonSubsampledGaussianPRV`, with a
+        faster RDP for sizing its domain); direction "add" is the converse pair
+        (:class:`dpfa.accountants.prv.PoissonSubsampledGaussianAddPRV`). q < 1 with
+        replace_one is not provided (UnsupportedEventError): use the 'pld' accountant.
+        """
+        import prv_accountant
+
+        from dpfa.accountants.prv import PoissonSubsampledGaussianAddPRV, PoissonSubsampledGaussianPRV
+        from dpfa.errors import UnsupportedEventError
+
+        z = _validate.positive(noise_multiplier, "noise_multiplier")
+        q = _validate.sample_rate(sampling_prob, "sampling_prob")
+        _validate.choice(neighboring, "neighboring", ("add_remove", "replace_one"))
+        _validate.choice(direction, "direction", ("remove", "add"))
+        if q == 1.0:
+            return prv_accountant.GaussianMechanism(noise_multiplier=z,
+                                                    l2_sensitivity=2.0 if neighboring == "replace_one" else 1.0)
+        if neighboring == "replace_one":
+            raise UnsupportedEventError(
+                f"No privacy random variable for the Poisson-subsampled Gaussian (sampling_prob={q!r}) under "
+                "neighboring='replace_one'; use accountant='pld', which supports it."
+            )
+        if direction == "remove":
+            return PoissonSubsampledGaussianPRV(sampling_probability=q, noise_multiplier=z)
+        return PoissonSubsampledGaussianAddPRV(sampling_probability=q, noise_multiplier=z)
+
     def calibrate(self, sensitivity: float, epsilon: float, delta: float) -> float:
         """Smallest sigma with delta(epsilon) <= delta (analytic Gaussian mechanism)."""
         sensitivity = _validate.positive(sensitivity, "sensitivity")

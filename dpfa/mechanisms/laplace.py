@@ -58,6 +58,63 @@ class LaplaceMechanism(DPMechanism):
             return math.inf
         return max(0.0, sensitivity / scale + 2.0 * math.log1p(-delta))
 
+    def pld(self, noise_multiplier: float, sampling_prob: float = 1.0, neighboring: str = "add_remove",
+            value_discretization_interval: float = 1e-4):
+        """dp-accounting PLD (pessimistic) of one Poisson-subsampled Laplace release.
+
+        add_remove: ``from_laplace_mechanism(parameter=z, sensitivity=1, sampling_prob=q)``
+        (remove and add pairs both kept). replace_one moves the sum by up to 2 C: with
+        q = 1 it is the Laplace mechanism of sensitivity 2; q < 1 is not supported by
+        dp-accounting for the Laplace (UnsupportedEventError).
+        """
+        from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+        from dpfa.errors import UnsupportedEventError
+
+        z = _validate.positive(noise_multiplier, "noise_multiplier")
+        q = _validate.sample_rate(sampling_prob, "sampling_prob")
+        _validate.choice(neighboring, "neighboring", ("add_remove", "replace_one"))
+        if neighboring == "replace_one" and q < 1.0:
+            raise UnsupportedEventError(
+                f"No privacy loss distribution for the Poisson-subsampled Laplace (sampling_prob={q!r}) under "
+                "neighboring='replace_one'; supported: add_remove, or replace_one with sampling_prob=1."
+            )
+        return pld_lib.from_laplace_mechanism(
+            parameter=z,
+            sensitivity=2.0 if neighboring == "replace_one" else 1.0,
+            sampling_prob=q,
+            value_discretization_interval=_validate.positive(value_discretization_interval,
+                                                             "value_discretization_interval"),
+            pessimistic_estimate=True,
+        )
+
+    def prv(self, noise_multiplier: float, sampling_prob: float = 1.0, neighboring: str = "add_remove",
+            direction: str = "remove"):
+        """prv-accountant PrivacyRandomVariable of one Poisson-subsampled Laplace release.
+
+        q = 1: ``LaplaceMechanism(mu = Delta / b)`` with Delta = 1 (add_remove) or 2
+        (replace_one). q < 1, add_remove: :class:`dpfa.accountants.prv.
+        PoissonSubsampledLaplacePRV` in the given direction (closed-form cdf of the
+        privacy loss of the mixture). q < 1 with replace_one: UnsupportedEventError.
+        """
+        import prv_accountant
+
+        from dpfa.accountants.prv import PoissonSubsampledLaplacePRV
+        from dpfa.errors import UnsupportedEventError
+
+        z = _validate.positive(noise_multiplier, "noise_multiplier")
+        q = _validate.sample_rate(sampling_prob, "sampling_prob")
+        _validate.choice(neighboring, "neighboring", ("add_remove", "replace_one"))
+        _validate.choice(direction, "direction", ("remove", "add"))
+        if q == 1.0:
+            return prv_accountant.LaplaceMechanism(mu=(2.0 if neighboring == "replace_one" else 1.0) / z)
+        if neighboring == "replace_one":
+            raise UnsupportedEventError(
+                f"No privacy random variable for the Poisson-subsampled Laplace (sampling_prob={q!r}) under "
+                "neighboring='replace_one'; supported: add_remove, or replace_one with sampling_prob=1."
+            )
+        return PoissonSubsampledLaplacePRV(sampling_probability=q, noise_multiplier=z, direction=direction)
+
     def calibrate(self, sensitivity: float, epsilon: float, delta: float = 0.0) -> float:
         """b = Delta / (epsilon - 2 log(1 - delta)); delta = 0 gives the pure-DP b = Delta / epsilon."""
         sensitivity = _validate.positive(sensitivity, "sensitivity")
