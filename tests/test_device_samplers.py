@@ -202,8 +202,14 @@ def test_fill_noise_dtypes(dtype):
 
 @triton.jit
 def _rounds_kernel(out_ptr, seed, scale, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(out_ptr + offs, ds.discrete_gaussian_rounds(seed, offs, scale, ROUNDS))
+
+
+def _rounds(out, seed, sigma, rounds, block=1024):
+    """Fill ``out`` with ``discrete_gaussian_rounds`` at offsets 0..n-1 (blocks of 1024: one
+    block of 65536 float64 lanes does not compile in reasonable time on a GPU)."""
+    _rounds_kernel[(out.numel() // block,)](out, seed, sigma, ROUNDS=rounds, BLOCK=block)
 
 
 def _acceptance(sigma):
@@ -228,11 +234,11 @@ def test_what_happens_when_rounds_run_out():
     """With few rounds, unaccepted elements are 0: P(0) = (1-p)^R + (1-(1-p)^R) pmf(0)."""
     sigma, n = 4.0, 65536
     out = torch.empty(n, device=DEVICE)
-    _rounds_kernel[(1,)](out, 3, sigma, ROUNDS=0, BLOCK=n)
+    _rounds(out, 3, sigma, 0)
     assert torch.all(out == 0)
     p = _acceptance(sigma)
     for rounds in (1, 2):
-        _rounds_kernel[(1,)](out, 3, sigma, ROUNDS=rounds, BLOCK=n)
+        _rounds(out, 3, sigma, rounds)
         x = out.cpu().numpy()
         fail = (1 - p) ** rounds
         p0 = fail + (1 - fail) * dg.pmf(0, sigma)
@@ -241,7 +247,7 @@ def test_what_happens_when_rounds_run_out():
         for k in (1, 3, -5):
             assert stats.binomtest(int(np.sum(x == k)), n, (1 - fail) * dg.pmf(k, sigma)).pvalue > P_MIN
     # with the full 128 rounds nothing fails: the value is the first accepted round's
-    _rounds_kernel[(1,)](out, 3, sigma, ROUNDS=128, BLOCK=n)
+    _rounds(out, 3, sigma, 128)
     full = fill_noise(ds.discrete_gaussian_sampler, 3, n, sigma, device=DEVICE)
     torch.testing.assert_close(out, full, rtol=0, atol=0)
 

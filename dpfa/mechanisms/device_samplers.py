@@ -134,7 +134,9 @@ def discrete_gaussian_rounds(seed, offsets, scale, MAX_ROUNDS: tl.constexpr):
     (beyond it, below e^{-600}). sigma = 0 gives zeros (t is floored at 1e-150, where
     N_Z(0, t^2) is already the point mass at 0 up to e^{-10^299}).
     """
-    sigma = tl.to_tensor(scale).to(tl.float64)
+    # scale: a scalar argument or a block; adding a float64 zero promotes either, exactly
+    # (tl.to_tensor is missing from Triton 3.6, which the GPU machines carry)
+    sigma = scale + tl.zeros([], tl.float64)
     # t = sigma, kept away from 0 so that sigma = 0 needs no branch (every G is then 0).
     t = tl.maximum(sigma, 1e-150)
     inv_two_var = 0.5 / (t * t)
