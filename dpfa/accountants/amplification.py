@@ -43,6 +43,8 @@ from dpfa.errors import PrivacyParameterError
 
 #: target discretisation interval (the exact one divides epsilon')
 TARGET_INTERVAL = 1e-4
+#: Poisson: at least this many grid points per epsilon'', the loss that falls between them
+MIN_POINTS_PER_LOSS = 20
 #: cap on the size of the composed PLD grid, num_steps x (loss range) / interval
 MAX_GRID = 2e7
 
@@ -81,7 +83,14 @@ class SubsamplingAmplification:
         eps1 = self.step_epsilon
         if self._interval_override is not None:
             return self._interval_override
-        target = max(TARGET_INTERVAL, 2.0 * self.num_steps * (eps1 + self.base_epsilon) / MAX_GRID)
+        if self.sampling == "poisson":
+            # -epsilon'' is off the grid: resolve it even where a small sampling rate makes both
+            # losses far smaller than TARGET_INTERVAL (else the chords overshoot by tens of %)
+            eps2 = -math.log1p(-self.sampling_rate * -math.expm1(-self.base_epsilon))
+            target = max(min(TARGET_INTERVAL, eps2 / MIN_POINTS_PER_LOSS),
+                         2.0 * self.num_steps * (eps1 + eps2) / MAX_GRID)
+        else:
+            target = max(TARGET_INTERVAL, 2.0 * self.num_steps * (eps1 + self.base_epsilon) / MAX_GRID)
         return eps1 / max(1, math.ceil(eps1 / target))
 
     def _log_pairs(self) -> tuple[dict, dict]:
