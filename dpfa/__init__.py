@@ -12,6 +12,9 @@ from dpfa.mechanisms import DPMechanism  # noqa: E402
 from dpfa.accountants import noise_multiplier_for  # noqa: E402
 from dpfa import training  # noqa: E402
 from dpfa.training import PrivacyEngine, make_model_differentially_private  # noqa: E402
+from dpfa.kernels import flash_attn_func  # noqa: E402
+from dpfa.attention import DPFlashAttention, dp_flash_attn_func  # noqa: E402
 
 __all__ = ["errors", "mechanisms", "accountants", "training", "DPMechanism", "noise_multiplier_for",
-           "PrivacyEngine", "make_model_differentially_private", "__version__"]
+           "PrivacyEngine", "make_model_differentially_private", "flash_attn_func", "dp_flash_attn_func",
+           "DPFlashAttention", "__version__"]

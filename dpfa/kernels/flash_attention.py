@@ -25,7 +25,8 @@ import triton
 from dpfa.errors import ShapeError
 from dpfa.kernels.flash_attention_bwd import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel
 from dpfa.kernels.flash_attention_fwd import flash_fwd_kernel
-from dpfa.kernels.flash_attention_reference import SCORE_CAP_MODES, attention_reference, clip_value_rows
+from dpfa.kernels.flash_attention_reference import (SCORE_CAP_MODES, VALUE_CLIP_NORMS, attention_reference,
+                                                    clip_value_rows)
 
 __all__ = ["flash_attn_func", "flash_attn_with_hooks", "EpilogueNoise", "SUPPORTED_DTYPES"]
 
@@ -33,6 +34,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _LN2 = math.log(2.0)
 _CAP_CODES = {None: 0, "clamp": 1, "tanh": 2}
+_CLIP_CODES = {None: 0, "l2": 1, "l1": 2}
 
 
 # --------------------------------------------------------------------------- hooks
@@ -49,12 +51,19 @@ class EpilogueNoise:
     the output's shape, read by the epilogue). ``sigma`` is a float32 tensor
     broadcastable to (batch, heads, seqlen_q). The noise is an additive constant for
     autograd: gradients are those of the noiseless output.
+
+    ``quantize=True`` (integer mechanisms, the discrete Gaussian): ``sigma`` is then each
+    row's grid step g, and the epilogue releases ``g * (round(O / g) + z)`` with ``z``
+    integer noise of scale ``scale`` (in grid units) from ``sampler``, or read from
+    ``tensor`` (integer-valued).
     """
 
     sigma: torch.Tensor
     sampler: Callable | None = None
     seed: int = 0
     tensor: torch.Tensor | None = None
+    quantize: bool = False
+    scale: float = 0.0
 
 
 # ------------------------------------------------------------------ configuration
@@ -94,7 +103,7 @@ _BIG_D_CONFIGS = {
 _GPU_FIXED = {"fwd": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
 _GPU_FIXED_BIG_D = {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)}
 _INTERPRET_FIXED = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
-_TUNE_KEY = ["tune_q", "tune_k", "HEAD_DIM", "CAUSAL", "HAS_KPM", "SCORE_CAP", "VALUE_CLIP", "NOISE"]
+_TUNE_KEY = ["tune_q", "tune_k", "HEAD_DIM", "CAUSAL", "HAS_KPM", "SCORE_CAP", "VALUE_CLIP", "NOISE", "QUANTIZE"]
 
 
 def _pruner(which: str):
@@ -131,7 +140,8 @@ def _shape(t) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def _validate(q, k, v, key_padding_mask, softmax_scale, score_cap, score_cap_mode, value_clip, noise):
+def _validate(q, k, v, key_padding_mask, softmax_scale, score_cap, score_cap_mode, value_clip, noise,
+              value_clip_norm="l2"):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ShapeError(f"Expected {name} to be a torch.Tensor, got {type(t).__name__}.")
@@ -186,6 +196,8 @@ def _validate(q, k, v, key_padding_mask, softmax_scale, score_cap, score_cap_mod
             raise ShapeError(f"Expected {name}={val!r} in (0, inf) or None.")
     if score_cap_mode not in SCORE_CAP_MODES:
         raise ShapeError(f"Unknown score_cap_mode={score_cap_mode!r}; expected one of {SCORE_CAP_MODES}.")
+    if value_clip_norm not in VALUE_CLIP_NORMS:
+        raise ShapeError(f"Unknown value_clip_norm={value_clip_norm!r}; expected one of {VALUE_CLIP_NORMS}.")
     if noise is not None:
         if not isinstance(noise, EpilogueNoise):
             raise ShapeError(f"Expected noise to be an EpilogueNoise, got {type(noise).__name__}.")
@@ -199,6 +211,8 @@ def _validate(q, k, v, key_padding_mask, softmax_scale, score_cap, score_cap_mod
                              f"got {getattr(noise.sigma, 'shape', noise.sigma)!r}.") from None
         if noise.tensor is not None and tuple(noise.tensor.shape) != tuple(q.shape):
             raise ShapeError(f"Expected noise.tensor of the output's shape {_shape(q)}, got {_shape(noise.tensor)}.")
+        if noise.quantize and not (0.0 <= float(noise.scale) < math.inf):
+            raise ShapeError(f"Expected noise.scale={noise.scale!r} in [0, inf) (grid units) with quantize=True.")
 
 
 # -------------------------------------------------------------------------- launchers
@@ -219,7 +233,7 @@ def _common(q, k):
     ), (B, Nq, H, D, Nk, Hk)
 
 
-def _forward(q, k, v, kpm, sm_scale, causal, cap, cap_mode, v_clip, noise, store_clean):
+def _forward(q, k, v, kpm, sm_scale, causal, cap, cap_mode, v_clip, v_norm, noise, store_clean):
     """Launch the forward kernel; returns (o, lse in base 2 with +inf for empty rows, o_clean)."""
     consts, (B, Nq, H, D, Nk, Hk) = _common(q, k)
     o = torch.empty_like(q)
@@ -247,10 +261,12 @@ def _forward(q, k, v, kpm, sm_scale, causal, cap, cap_mode, v_clip, noise, store
         heads=H, seq_q=Nq, seq_k=Nk, shift=Nk - Nq, group=H // Hk,
         sm_scale=sm_scale, cap=float(cap or 1.0), v_clip=float(v_clip or 1.0),
         seed=int(noise.seed) if noise is not None else 0,
+        noise_scale=float(noise.scale) if noise is not None else 0.0,
         CAUSAL=bool(causal), HAS_KPM=kpm is not None,
-        SCORE_CAP=_CAP_CODES[cap_mode if cap is not None else None], VALUE_CLIP=v_clip is not None,
+        SCORE_CAP=_CAP_CODES[cap_mode if cap is not None else None], VALUE_CLIP=_CLIP_CODES[v_norm if v_clip is not None else None],
         NOISE=noise_code, NOISE_FN=noise.sampler if noise is not None else None,
-        STORE_CLEAN=bool(noise is not None and store_clean), **consts,
+        STORE_CLEAN=bool(noise is not None and store_clean),
+        QUANTIZE=bool(noise is not None and noise.quantize), **consts,
     )
     _launch(flash_fwd_kernel, _fwd_tuned, "fwd", lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H),
             args, _bucket(Nq), _bucket(Nk))
@@ -290,14 +306,14 @@ def _backward(do, q, k, v_used, o, lse2, kpm, sm_scale, causal, cap, cap_mode):
 
 class _FlashAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kpm, sm_scale, causal, cap, cap_mode, v_clip, noise):
+    def forward(ctx, q, k, v, kpm, sm_scale, causal, cap, cap_mode, v_clip, v_norm, noise):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         kpm_u8 = kpm.to(torch.uint8).contiguous() if kpm is not None else None
         needs_grad = any(ctx.needs_input_grad[:3])
-        o, lse2, o_clean = _forward(q, k, v, kpm_u8, sm_scale, causal, cap, cap_mode, v_clip, noise,
+        o, lse2, o_clean = _forward(q, k, v, kpm_u8, sm_scale, causal, cap, cap_mode, v_clip, v_norm, noise,
                                     store_clean=needs_grad)
         ctx.save_for_backward(q, k, v, o_clean, lse2, kpm_u8)
-        ctx.args = (sm_scale, causal, cap, cap_mode, v_clip)
+        ctx.args = (sm_scale, causal, cap, cap_mode, v_clip, v_norm)
         lse = torch.where(torch.isinf(lse2), torch.full_like(lse2, -math.inf), lse2 * _LN2)
         ctx.mark_non_differentiable(lse)
         return o, lse
@@ -305,15 +321,15 @@ class _FlashAttnFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, o, lse2, kpm_u8 = ctx.saved_tensors
-        sm_scale, causal, cap, cap_mode, v_clip = ctx.args
+        sm_scale, causal, cap, cap_mode, v_clip, v_norm = ctx.args
         do = _last_dim_contiguous(do)
-        v_used = clip_value_rows(v, v_clip)
+        v_used = clip_value_rows(v, v_clip, v_norm)
         dq, dk, dv = _backward(do, q, k, v_used, o, lse2, kpm_u8, sm_scale, causal, cap, cap_mode)
         if v_clip is not None:
             # chain rule through the per-row clipping (computed in float32, as the forward did)
-            _, vjp = torch.func.vjp(lambda x: clip_value_rows(x, v_clip).float(), v.float())
+            _, vjp = torch.func.vjp(lambda x: clip_value_rows(x, v_clip, v_norm).float(), v.float())
             dv = vjp(dv.float())[0].to(v.dtype)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------ public API
@@ -330,6 +346,7 @@ def flash_attn_with_hooks(
     score_cap: float | None = None,
     score_cap_mode: str = "clamp",
     value_clip: float | None = None,
+    value_clip_norm: str = "l2",
     noise: EpilogueNoise | None = None,
     return_lse: bool = False,
 ):
@@ -342,10 +359,12 @@ def flash_attn_with_hooks(
     ``key_padding_mask``: bool (B, Nk), True = attend. ``score_cap`` b caps each scaled
     score to [-b, b] (``score_cap_mode`` "clamp", the default: two ALU operations; or
     "tanh": b * tanh(s / b), smooth but it competes with exp for the special-function
-    units). ``value_clip`` C scales each value row to L2 norm <= C. ``noise`` adds
+    units). ``value_clip`` C scales each value row to norm <= C (``value_clip_norm`` "l2",
+    or "l1" for the Laplace mechanism). ``noise`` adds
     :class:`EpilogueNoise` in the kernel's epilogue. Hooks are compiled out when off.
     """
-    _validate(q, k, v, key_padding_mask, softmax_scale, score_cap, score_cap_mode, value_clip, noise)
+    _validate(q, k, v, key_padding_mask, softmax_scale, score_cap, score_cap_mode, value_clip, noise,
+              value_clip_norm)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if q.shape[0] == 0:
         out = q.new_zeros(q.shape)
@@ -353,19 +372,28 @@ def flash_attn_with_hooks(
         return (out, lse) if return_lse else out
     if q.is_cuda or _interpreting():
         out, lse = _FlashAttnFunction.apply(q, k, v, key_padding_mask, sm_scale, bool(causal),
-                                            score_cap, score_cap_mode, value_clip, noise)
+                                            score_cap, score_cap_mode, value_clip, value_clip_norm, noise)
         return (out, lse) if return_lse else out
     # plain torch: no GPU and no interpreter
     out, lse = attention_reference(q, k, v, causal=bool(causal), softmax_scale=sm_scale,
                                    key_padding_mask=key_padding_mask, score_cap=score_cap,
-                                   score_cap_mode=score_cap_mode, value_clip=value_clip, return_lse=True)
+                                   score_cap_mode=score_cap_mode, value_clip=value_clip,
+                                   value_clip_norm=value_clip_norm, return_lse=True)
     if noise is not None:
         if noise.tensor is None:
             raise ShapeError("Without a GPU or TRITON_INTERPRET=1 the epilogue noise needs tensor= "
                              "(the mechanism's torch sampler); a device sampler cannot run in plain torch.")
         sigma = noise.sigma.to(device=q.device, dtype=torch.float32)
         sigma = sigma.reshape((1,) * (3 - sigma.dim()) + tuple(sigma.shape)).expand(q.shape[0], q.shape[2], q.shape[1])
-        out = out + (sigma.transpose(1, 2)[..., None] * noise.tensor.float()).to(out.dtype).detach()
+        sigma = sigma.transpose(1, 2)[..., None]  # (B, Nq, H, 1)
+        if noise.quantize:  # sigma is the grid step: g * (round(O / g) + z), 0 where g = 0
+            g = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+            released = torch.where(sigma > 0, (torch.floor(out.float() / g + 0.5) + noise.tensor.float()) * g, 0.0)
+        else:
+            released = out.float() + sigma * noise.tensor.float()
+        # the value is exactly the released one (a function of the noisy output only); the
+        # noise and the rounding are additive constants for autograd
+        out = released.to(out.dtype).detach() + (out - out.detach())
     return (out, lse.float()) if return_lse else out
 
 

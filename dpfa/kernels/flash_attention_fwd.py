@@ -13,12 +13,16 @@ and compiled out when off:
 
 - ``SCORE_CAP``: 0 none, 1 hard clamp to [-b, b], 2 smooth ``b * tanh(s / b)`` built
   from ``tl.exp`` (libdevice's tanh does not run under the interpreter);
-- ``VALUE_CLIP``: each V row is scaled to L2 norm <= C before it enters P @ V;
+- ``VALUE_CLIP``: 0 none, 1 each V row is scaled to L2 norm <= C before it enters
+  P @ V, 2 the same in L1 (for the Laplace mechanism);
 - ``NOISE``: 0 none, 1 the ``NOISE_FN(seed, offsets, scale)`` device sampler adds
   noise of scale ``sigma[b, h, row]`` to each output element in the epilogue,
   2 the epilogue adds ``sigma[b, h, row] * Z`` for a noise tensor Z made beforehand
   (mechanisms without a device sampler). ``STORE_CLEAN`` also writes the output
   before noise, which the backward pass needs.
+- ``QUANTIZE`` (with NOISE): integer noise on a grid (discrete Gaussian). ``SIGMA`` then
+  holds each row's grid step g, and the row becomes ``g * (round(O / g) + Z)`` with Z
+  integer noise of scale ``noise_scale`` (grid units) from ``NOISE_FN`` or ``Z``.
 
 Lengths that are not a multiple of the block and head dims that are not a power of
 two are handled with masked loads (``EVEN_D``: the head dim is its own block).
@@ -56,11 +60,14 @@ def _cap(s, cap, SCORE_CAP: tl.constexpr):
 
 
 @triton.jit
-def _clip_rows(v, v_clip):
-    """Scale each row of the tile ``v`` to L2 norm <= v_clip (computed in float32)."""
+def _clip_rows(v, v_clip, VALUE_CLIP: tl.constexpr):
+    """Scale each row of the tile ``v`` to norm <= v_clip (1: L2, 2: L1; in float32)."""
     vf = v.to(tl.float32)
-    sq = tl.sum(vf * vf, 1)
-    factor = tl.minimum(v_clip / tl.sqrt(tl.maximum(sq, 1e-30)), 1.0)
+    if VALUE_CLIP == 2:
+        norm = tl.sum(tl.abs(vf), 1)
+    else:
+        norm = tl.sqrt(tl.sum(vf * vf, 1))
+    factor = tl.minimum(v_clip / tl.maximum(norm, 1e-30), 1.0)
     return (vf * factor[:, None]).to(v.dtype)
 
 
@@ -129,8 +136,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, kpm_ptr, stride_kn, stride_vn,
                 v = tl.load(v_ptrs)
             else:
                 v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
-        if VALUE_CLIP:
-            v = _clip_rows(v, v_clip)
+        if VALUE_CLIP != 0:
+            v = _clip_rows(v, v_clip, VALUE_CLIP)
         acc = _mm(p.to(v.dtype), v, acc, DOT_F32, INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -146,11 +153,11 @@ def flash_fwd_kernel(
     stride_kpmb,
     stride_sb, stride_sh, stride_sm,
     heads, seq_q, seq_k, shift, group,
-    sm_scale, cap, v_clip, seed, tune_q, tune_k,
+    sm_scale, cap, v_clip, seed, noise_scale, tune_q, tune_k,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     SCORE_CAP: tl.constexpr, VALUE_CLIP: tl.constexpr,
-    NOISE: tl.constexpr, NOISE_FN: tl.constexpr, STORE_CLEAN: tl.constexpr,
+    NOISE: tl.constexpr, NOISE_FN: tl.constexpr, STORE_CLEAN: tl.constexpr, QUANTIZE: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -217,7 +224,17 @@ def flash_fwd_kernel(
                         mask=row_ok, other=0.0)
         # one counter per element of a contiguous (B, Nq, H, D) output
         lin = ((off_b * seq_q + offs_m[:, None]) * heads + off_h) * HEAD_DIM + offs_d[None, :]
-        if NOISE == 1:
+        if QUANTIZE:
+            # sigma is the row's grid step g: g * (round(out / g) + integer noise); g = 0 only
+            # for rows that see no key, whose output is 0 whatever the data
+            g = sigma[:, None]
+            on_grid = tl.floor(out / tl.where(g > 0, g, 1.0) + 0.5)
+            if NOISE == 1:
+                z = NOISE_FN(seed, lin, noise_scale)
+            else:
+                z = tl.load(Z + lin, mask=q_mask, other=0.0).to(tl.float32)
+            out = tl.where(g > 0, (on_grid + z) * g, 0.0)
+        elif NOISE == 1:
             out = out + NOISE_FN(seed, lin, sigma[:, None])
         else:
             z = tl.load(Z + lin, mask=q_mask, other=0.0)

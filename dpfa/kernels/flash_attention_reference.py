@@ -16,7 +16,8 @@ Semantics shared with the kernels (and tested):
   ``h // (heads_q // heads_k)``.
 - Score cap (``score_cap=b``): the scaled score ``s = q.k * softmax_scale`` becomes
   ``clamp(s, -b, b)`` (``score_cap_mode="clamp"``) or ``b * tanh(s / b)`` (``"tanh"``).
-- Value clipping (``value_clip=C``): each value row becomes ``v * min(1, C / ||v||_2)``.
+- Value clipping (``value_clip=C``): each value row becomes ``v * min(1, C / ||v||)``,
+  in L2 (``value_clip_norm="l2"``) or L1 (``"l1"``, for the Laplace mechanism).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 import torch
 
 SCORE_CAP_MODES = ("clamp", "tanh")
+VALUE_CLIP_NORMS = ("l2", "l1")
 
 
 def cap_scores(s: torch.Tensor, score_cap: float | None, mode: str = "clamp") -> torch.Tensor:
@@ -39,15 +41,17 @@ def cap_scores(s: torch.Tensor, score_cap: float | None, mode: str = "clamp") ->
     raise ValueError(f"Unknown score_cap_mode={mode!r}; expected one of {SCORE_CAP_MODES}.")
 
 
-def clip_value_rows(v: torch.Tensor, value_clip: float | None) -> torch.Tensor:
-    """Scale each row (last dim) of ``v`` so that its L2 norm is at most ``value_clip``.
+def clip_value_rows(v: torch.Tensor, value_clip: float | None, norm_type: str = "l2") -> torch.Tensor:
+    """Scale each row (last dim) of ``v`` so that its L2 (or L1) norm is at most ``value_clip``.
 
     Computed in float32 (float64 for float64 input) and cast back, as the kernel does.
     """
     if value_clip is None:
         return v
+    if norm_type not in VALUE_CLIP_NORMS:
+        raise ValueError(f"Unknown value_clip_norm={norm_type!r}; expected one of {VALUE_CLIP_NORMS}.")
     work = v.double() if v.dtype == torch.float64 else v.float()
-    norm = work.norm(dim=-1, keepdim=True)
+    norm = work.norm(p=1 if norm_type == "l1" else 2, dim=-1, keepdim=True)
     factor = torch.clamp(value_clip / norm, max=1.0)  # norm 0 -> inf -> 1
     return (work * factor).to(v.dtype)
 
@@ -63,6 +67,7 @@ def attention_reference(
     score_cap: float | None = None,
     score_cap_mode: str = "clamp",
     value_clip: float | None = None,
+    value_clip_norm: str = "l2",
     return_lse: bool = False,
     upcast: bool = True,
 ):
@@ -80,7 +85,7 @@ def attention_reference(
     work = q.dtype
     if upcast and q.dtype in (torch.float16, torch.bfloat16):
         work = torch.float32
-    v = clip_value_rows(v, value_clip)
+    v = clip_value_rows(v, value_clip, value_clip_norm)
     qf, kf, vf = (t.to(work).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, D)
     if Hk != H:
         kf = kf.repeat_interleave(H // Hk, dim=1)

@@ -1,0 +1,511 @@
+"""Release mode (DESIGN.md 1.2): attention outputs over a private key/value store, with the
+noise made inside the flash-attention kernel.
+
+Unit of privacy: one record of the store, that is ``record_size`` = g consecutive rows of
+K and V (all heads of them) within one batch element; each batch element is its own
+store. Queries, masks and positions are public. Neighbouring stores differ by replacing
+one record. This covers cross-attention over a private memory, a retrieval store or a
+prefix whose KV cache was computed record by record; it does NOT cover self-attention
+inside a model whose residual stream carries the private token (the queries and the
+other rows would then depend on it too).
+
+What the kernel enforces (:func:`dpfa.kernels.flash_attn_with_hooks`): scaled scores capped
+to ``|s| <= b`` (``score_cap``), each value row clipped to norm ``C`` (``value_clip``; L2,
+or L1 for an L1 mechanism). For a query row that sees n keys, replacing one record moves
+its output by at most
+
+    Delta(n) = 2 C w_max(n),   w_max(n) = g e^b / (g e^b + max(n - g, 0) e^-b)
+
+(DESIGN.md 1.2: with W, W' the record's total weight before and after, W >= W',
+O - O' = W' (v - v') + (W - W') (v - o_rest), each bracket at most 2C). Rows that see
+no key output 0 whatever the store, so Delta(0) = 0. A floating-point slack covers
+the kernel's rounding (:func:`row_sensitivity`).
+
+Calibration (the contract of the issue). A record is visible to at most R query rows (R
+= the number of rows that see at least one key, the most over the batch) in each of
+the H query heads. Divide row i of every head by its Delta_i: the normalised release
+moves by at most 1 per (row, head), so its sensitivity is sqrt(R H) in L2 and R H in L1.
+The mechanism's own ``calibrate(S, epsilon, delta)`` gives the noise scale s for that
+sensitivity, and row i gets noise of scale ``Delta_i * s`` (for the Gaussian, sigma_i =
+Delta_i sqrt(R H) / mu with mu the analytic-Gaussian mu of (epsilon, delta): the call
+is mu-GDP). Multiplying back by the public Delta_i is post-processing. Per-head budgets
+(``head_epsilons``) calibrate each head alone at sensitivity sqrt(R) (R); the
+``importance`` strategy splits one budget across heads by weights, keeping the sum of
+(Delta / sigma)^2 (Gaussian, discrete Gaussian) or of Delta / b (Laplace) of the
+uniform split, so the call's guarantee is unchanged.
+
+The discrete Gaussian releases on a grid: row i's grid step is g_i = Delta_i / (k sqrt(D))
+(k = ``GRID_STEPS``), the kernel rounds O / g_i to the nearest integer and adds integer
+noise. Rounding moves each coordinate by at most 1/2, so a row's integer sensitivity is
+at most k sqrt(D) + sqrt(D) = (k + 1) sqrt(D), the same for every row, and the noise
+scale in grid units is ``calibrate((k + 1) sqrt(D R H), epsilon, delta)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import secrets
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from dpfa import _validate
+from dpfa.accountants import registry as accountant_registry
+from dpfa.accountants.events import SampledMechanismEvent
+from dpfa.errors import PrivacyParameterError, ShapeError
+from dpfa.kernels.flash_attention import EpilogueNoise, flash_attn_with_hooks
+from dpfa.kernels.noise import _scale_arg, interpreted
+from dpfa.mechanisms import registry as mechanism_registry
+from dpfa.mechanisms.base import DPMechanism
+
+__all__ = ["dp_flash_attn_func", "DPFlashAttention", "PrivacyStats", "row_sensitivity", "visible_keys",
+           "DEFAULT_SCORE_CAP", "GRID_STEPS"]
+
+#: default score cap b. The sensitivity grows like e^{2b} / n, so b must be small; b = 2
+#: keeps scores in [-2, 2] (weights within a factor e^4 = 55 of each other).
+DEFAULT_SCORE_CAP = 2.0
+#: grid steps per unit of a row's sensitivity and sqrt(head_dim) (discrete Gaussian); the
+#: rounding then costs a factor (k + 1) / k = 1.0625 in sensitivity
+GRID_STEPS = 16
+#: the discrete Gaussian's noise must stay an exact integer in float32 (|z| < 2^24) out to
+#: 40 of its scales
+_MAX_GRID_SCALE = 2.0**24 / 40.0
+#: unit round-off of the P @ V operands, and the spacing of the smallest subnormals
+_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+_SUBNORMAL = {torch.float32: 0.0, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}
+_SEED_LIMIT = 2**63
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyStats:
+    """What one call released and what it cost. Nothing here is computed from private data:
+    sensitivities and noise scales depend only on the public shapes, masks and parameters."""
+
+    epsilon_spent: float
+    delta_spent: float
+    mechanism: str
+    noise_scale_per_head: tuple[float, ...]  # largest per-row noise scale of each head
+    max_sensitivity: float  # largest per-row sensitivity Delta_i, in the mechanism's norm
+    records_visible_rows: int  # R: query rows that can see one record
+    events: tuple[SampledMechanismEvent, ...]  # compose these in any dpfa accountant
+    seed: int
+
+    @property
+    def is_private(self) -> bool:
+        return math.isfinite(self.epsilon_spent)
+
+
+# ----------------------------------------------------------------- sensitivity
+
+
+def visible_keys(batch: int, seqlen_q: int, seqlen_k: int, causal: bool,
+                 key_padding_mask: Optional[torch.Tensor], device) -> torch.Tensor:
+    """n[b, i]: keys that query row i of batch element b sees (int64, (B, Nq)).
+
+    Causal masks are bottom-right aligned (row i sees keys j <= i + Nk - Nq);
+    ``key_padding_mask`` is (B, Nk) bool, True = the key takes part.
+    """
+    rows = torch.arange(seqlen_q, device=device)
+    last = rows + (seqlen_k - seqlen_q) if causal else torch.full_like(rows, seqlen_k - 1)
+    last = last.clamp(min=-1, max=seqlen_k - 1)  # index of the last visible key, -1 = none
+    if key_padding_mask is None:
+        return (last + 1).expand(batch, seqlen_q).clone()
+    csum = key_padding_mask.to(torch.int64).cumsum(-1)  # (B, Nk)
+    n = csum[:, last.clamp(min=0)]
+    return torch.where(last[None, :] >= 0, n, torch.zeros_like(n))
+
+
+def row_sensitivity(n: torch.Tensor, score_cap: float, value_clip: float, record_size: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Delta(n) = 2 C w_max(n) per row (float64), with a floating-point slack for ``dtype``.
+
+    Slack: the kernel rounds each clipped value row to ``dtype`` (norm <= C (1 + u)), rounds
+    the weights P to ``dtype`` before P @ V (a relative error u each, plus subnormal
+    spacing t for fp16, on weights that sum to 1: at most u + n t in total, on every row),
+    and its float32 sums over n keys err by at most n 2^-24 relative. So
+    Delta = 2 C (1 + u) (w_max + 2u + n t) (1 + 2 n 2^-24 + 1e-6), with the second u for the
+    torch path, which rounds O to ``dtype`` before the noise. u = 2^-8 (bf16), 2^-11 (fp16),
+    2^-24 (fp32).
+    """
+    n = n.to(torch.float64)
+    g = float(record_size)
+    others = (n - g).clamp(min=0.0)
+    w_max = 1.0 / (1.0 + others / g * math.exp(-2.0 * score_cap))
+    u, t = _ROUNDOFF[dtype], _SUBNORMAL[dtype]
+    delta = 2.0 * value_clip * (1.0 + u) * (w_max + 2.0 * u + n * t) * (1.0 + 2.0 * n * 2.0**-24 + 1e-6)
+    return torch.where(n > 0, delta, torch.zeros_like(delta))
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def _norm_of(mech: DPMechanism) -> str:
+    norm = getattr(mech, "sensitivity_norm", None)
+    if norm not in ("l2", "l1", "l2_grid"):
+        raise PrivacyParameterError(
+            f"Mechanism {mech.name!r} has sensitivity_norm={norm!r}; the attention release supports 'l2', "
+            "'l1' and 'l2_grid'.")
+    return norm
+
+
+def _calibrate(mech: DPMechanism, sensitivity: float, epsilon: float, delta: float) -> tuple[float, float]:
+    """(scale, delta used): pure DP where the mechanism offers it (Laplace), else (epsilon, delta)."""
+    if mech.sensitivity_norm == "l1":
+        try:
+            return mech.calibrate(sensitivity, epsilon, 0.0), 0.0
+        except PrivacyParameterError:
+            pass
+    return mech.calibrate(sensitivity, epsilon, delta), delta
+
+
+def _head_shares(num_heads: int, strategy: Optional[str], head_weights) -> Optional[list[float]]:
+    if strategy in (None, "uniform"):
+        if head_weights is not None:
+            raise PrivacyParameterError("head_weights are used only with strategy='importance'.")
+        return None
+    if strategy not in ("importance", "importance_based"):
+        raise PrivacyParameterError(f"Unknown strategy={strategy!r}; expected 'uniform' or 'importance'.")
+    if head_weights is None:
+        raise PrivacyParameterError("strategy='importance' needs head_weights (one positive weight per head).")
+    w = [float(x) for x in head_weights]
+    if len(w) != num_heads:
+        raise PrivacyParameterError(f"Expected {num_heads} head_weights (one per head), got {len(w)}.")
+    if any(not (0.0 < x < math.inf) for x in w):
+        raise PrivacyParameterError(f"Expected every head weight in (0, inf), got {list(head_weights)!r}.")
+    total = sum(w)
+    return [x / total for x in w]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Per-head normalised noise scales (in units of each row's Delta, or of the grid)."""
+
+    scales: list[float]  # 0 = no noise on that head
+    unit_sensitivity: float  # sensitivity of one normalised (row, head) in the mechanism's norm
+    epsilon: float
+    delta: float
+
+
+def _plan(mech: DPMechanism, norm: str, R: int, H: int, D: int, epsilon: float, delta: float,
+          head_epsilons: Optional[Sequence[float]], shares: Optional[list[float]]) -> _Plan:
+    unit = (GRID_STEPS + 1) * math.sqrt(D) if norm == "l2_grid" else 1.0
+    l1 = norm == "l1"
+    if head_epsilons is not None:
+        scales, used_delta = [], 0.0
+        for h, e in enumerate(head_epsilons):
+            if math.isinf(e):
+                scales.append(0.0)
+                continue
+            s, d = _calibrate(mech, unit * (R if l1 else math.sqrt(R)), e, delta)
+            scales.append(s)
+            used_delta = max(used_delta, d)
+        return _Plan(scales, unit, math.nan, used_delta)  # total epsilon: composed below
+    if math.isinf(epsilon):
+        return _Plan([0.0] * H, unit, math.inf, 0.0)
+    s, used_delta = _calibrate(mech, unit * (R * H if l1 else math.sqrt(R * H)), epsilon, delta)
+    if shares is None:
+        return _Plan([s] * H, unit, epsilon, used_delta)
+    if mech.name not in ("gaussian", "laplace", "discrete_gaussian"):
+        raise PrivacyParameterError(
+            f"strategy='importance' splits one budget by the composition rule of the Gaussian, Laplace or discrete "
+            f"Gaussian mechanism; {mech.name!r} has none known to dpfa: give head_epsilons instead.")
+    # keep sum_h R / s_h (L1) or sum_h R / s_h^2 (L2) equal to the uniform split's
+    scales = [s / (H * p) if l1 else s / math.sqrt(H * p) for p in shares]
+    return _Plan(scales, unit, epsilon, used_delta)
+
+
+def _events(mech: DPMechanism, plan: _Plan, R: int) -> tuple[SampledMechanismEvent, ...]:
+    """One event per noisy head: R releases, each of normalised sensitivity ``unit`` (the
+    replace-one bound) with noise ``scale``. The accountants read a replace-one event as
+    sensitivity 2C with noise z C, so z = 2 scale / unit."""
+    events = []
+    for s in plan.scales:
+        if s == 0.0:
+            continue
+        events.append(SampledMechanismEvent(mechanism=mech.name, noise_multiplier=2.0 * s / plan.unit_sensitivity,
+                                            sample_rate=1.0, count=R, sampling="poisson",
+                                            neighboring="replace_one"))
+    return tuple(events)
+
+
+def _compose_epsilon(mech: DPMechanism, plan: _Plan, events, delta: float) -> float:
+    """epsilon of the call at ``delta`` when the heads have their own budgets."""
+    if any(s == 0.0 for s in plan.scales):
+        return math.inf
+    name = "pld" if mech.has_curve("pld") else "rdp"
+    acc = accountant_registry.get(name)()
+    for e in events:
+        acc.compose_event(e)
+    return acc.get_epsilon(delta)
+
+
+# --------------------------------------------------------------------- the call
+
+
+def _check_inputs(q, k, epsilon, delta, value_clip, score_cap, record_size, head_epsilons, seed):
+    if not isinstance(epsilon, numbers.Real) or isinstance(epsilon, bool) or math.isnan(epsilon) or epsilon <= 0:
+        raise PrivacyParameterError(
+            f"Expected epsilon={epsilon!r} in (0, inf]; float('inf') is the documented no-noise switch.")
+    delta = _validate.delta(delta)
+    value_clip = _validate.positive(value_clip, "value_clip")
+    score_cap = _validate.positive(score_cap, "score_cap")
+    record_size = _validate.count(record_size, "record_size")
+    if not isinstance(k, torch.Tensor) or k.dim() != 4:
+        raise ShapeError(f"Expected k of rank 4 (batch, seqlen, heads, head_dim), got {getattr(k, 'shape', k)!r}.")
+    if k.shape[1] % record_size != 0:
+        raise PrivacyParameterError(
+            f"record_size={record_size} must divide seqlen_k={k.shape[1]}: a record is record_size consecutive rows.")
+    H = q.shape[2]
+    if head_epsilons is not None:
+        head_epsilons = [float(e) for e in head_epsilons]
+        if len(head_epsilons) != H:
+            raise PrivacyParameterError(f"Expected {H} head_epsilons (one per query head), got {len(head_epsilons)}.")
+        for e in head_epsilons:
+            if math.isnan(e) or e <= 0:
+                raise PrivacyParameterError(f"Expected every head epsilon in (0, inf], got {head_epsilons!r}.")
+    if seed is None:
+        seed = secrets.randbits(63)
+    elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < _SEED_LIMIT:
+        raise PrivacyParameterError(f"Expected seed={seed!r} to be an integer in [0, 2**63), or None (OS CSPRNG).")
+    return float(epsilon), delta, value_clip, score_cap, record_size, head_epsilons, int(seed)
+
+
+def dp_flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    *,
+    epsilon: float,
+    delta: float,
+    mechanism="gaussian",
+    value_clip: float = 1.0,
+    score_cap: float = DEFAULT_SCORE_CAP,
+    score_cap_mode: str = "clamp",
+    record_size: int = 1,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    head_epsilons: Optional[Sequence[float]] = None,
+    strategy: Optional[str] = None,
+    head_weights: Optional[Sequence[float]] = None,
+    seed: Optional[int] = None,
+    return_privacy_stats: bool = False,
+):
+    """Differentially private attention output: ``cap``-ped, ``clip``-ped attention + noise.
+
+    q (B, Nq, H, D) public queries; k, v (B, Nk, Hk, D) the private store (flash-attn layout,
+    H a multiple of Hk). The whole call (all rows, all heads) is (epsilon, delta)-DP for one
+    record (``record_size`` consecutive key/value rows) of each batch element, under
+    replacement of the record; see the module docstring for the bound and the calibration.
+    ``score_cap_mode``: "clamp" (the default: two ALU operations; the bound needs only
+    |s| <= b) or "tanh" (b tanh(s / b): smooth, but tanh competes with exp for the
+    special-function units). ``epsilon=float("inf")`` releases the clipped, capped
+    attention without noise (stats say epsilon = inf). ``seed``: the noise is a function
+    of it (reproducible); None draws it from the OS CSPRNG. Gradients are those of the
+    clipped, capped attention (the noise is an additive constant).
+
+    Returns O (B, Nq, H, D), and ``(O, PrivacyStats)`` with ``return_privacy_stats``.
+    """
+    epsilon, delta, value_clip, score_cap, record_size, head_epsilons, seed = _check_inputs(
+        q, k, epsilon, delta, value_clip, score_cap, record_size, head_epsilons, seed)
+    mech = mechanism_registry.resolve(mechanism)
+    norm = _norm_of(mech)
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ShapeError(f"Expected q of rank 4 (batch, seqlen, heads, head_dim), got {getattr(q, 'shape', q)!r}.")
+    B, Nq, H, D = q.shape
+    Nk = k.shape[1]
+    if key_padding_mask is not None and (not isinstance(key_padding_mask, torch.Tensor)
+                                         or tuple(key_padding_mask.shape) != (B, Nk)
+                                         or key_padding_mask.dtype != torch.bool):
+        raise ShapeError(f"Expected key_padding_mask of dtype torch.bool and shape (batch, seqlen_k) = ({B}, {Nk}), "
+                         f"got {getattr(key_padding_mask, 'dtype', None)} {tuple(getattr(key_padding_mask, 'shape', ()))}.")
+    shares = _head_shares(H, strategy, head_weights)
+    if head_epsilons is not None and shares is not None:
+        raise PrivacyParameterError("Give either head_epsilons or strategy='importance' with head_weights, not both.")
+
+    n = visible_keys(B, Nq, Nk, causal, key_padding_mask, q.device)
+    R = int((n > 0).sum(dim=1).max().item()) if B > 0 else 0
+    delta_rows = row_sensitivity(n, score_cap, value_clip, record_size, q.dtype)  # (B, Nq) float64
+    plan = _plan(mech, norm, max(R, 1), H, D, epsilon, delta, head_epsilons, shares)
+    scales = torch.tensor(plan.scales, dtype=torch.float64, device=q.device)  # (H,)
+    events = _events(mech, plan, max(R, 1))
+
+    clip_norm = "l1" if norm == "l1" else "l2"
+    hooks = dict(causal=causal, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask,
+                 score_cap=score_cap, score_cap_mode=score_cap_mode, value_clip=value_clip,
+                 value_clip_norm=clip_norm)
+    noise = None
+    if any(s > 0 for s in plan.scales):
+        noise = _noise(mech, norm, plan, scales, delta_rows, q, seed)
+    out = flash_attn_with_hooks(q, k, v, noise=noise, **hooks)
+    if not return_privacy_stats:
+        return out
+    if head_epsilons is not None:
+        eps_spent = _compose_epsilon(mech, plan, events, delta) if events else math.inf
+        delta_spent = delta if math.isfinite(eps_spent) else 1.0
+    else:
+        eps_spent, delta_spent = plan.epsilon, (plan.delta if math.isfinite(plan.epsilon) else 1.0)
+    per_row = delta_rows.max().item() if delta_rows.numel() else 0.0
+    if norm == "l2_grid":  # noise of scale s (grid units) on a grid of step Delta_i / (k sqrt(D))
+        per_head = [s * per_row / (GRID_STEPS * math.sqrt(D)) for s in plan.scales]
+    else:
+        per_head = [s * per_row for s in plan.scales]
+    stats = PrivacyStats(epsilon_spent=float(eps_spent), delta_spent=float(delta_spent), mechanism=mech.name,
+                         noise_scale_per_head=tuple(per_head), max_sensitivity=float(per_row),
+                         records_visible_rows=R, events=events, seed=seed)
+    return out, stats
+
+
+def _f32_up(t: torch.Tensor) -> torch.Tensor:
+    """float64 -> float32 rounded up: a noise scale or grid step never shrinks in the cast."""
+    f = t.float()
+    return torch.where(f.double() < t, torch.nextafter(f, torch.full_like(f, math.inf)), f)
+
+
+def _noise(mech, norm, plan, scales, delta_rows, q, seed) -> EpilogueNoise:
+    """The epilogue's noise: the mechanism's device sampler where kernels run, else a tensor
+    from its torch sampler (same calibration)."""
+    B, Nq, H, D = q.shape
+    on_kernel = q.is_cuda or interpreted()
+    sampler = getattr(mech, "triton_sampler", None) if on_kernel else None
+    quantize = norm == "l2_grid"
+    if quantize:
+        grid = delta_rows / (GRID_STEPS * math.sqrt(D))  # (B, Nq): step of each row
+        sigma = _f32_up(grid[:, None, :].expand(B, H, Nq))
+        zero = scales == 0
+        if bool(zero.any()):  # a head without noise is released off the grid, as plain attention
+            raise PrivacyParameterError("The discrete Gaussian release needs a finite budget on every head.")
+        if float(scales.max()) > _MAX_GRID_SCALE:
+            raise PrivacyParameterError(
+                f"The discrete Gaussian noise scale ({float(scales.max()):.3g} grid steps) is too large for exact "
+                f"integers in float32 (at most {_MAX_GRID_SCALE:.3g}); use a larger epsilon or mechanism='gaussian'.")
+        uniform = bool((scales == scales[0]).all())
+        if sampler is not None and uniform:
+            return EpilogueNoise(sigma=sigma, sampler=sampler, seed=seed, quantize=True,
+                                 scale=_scale_arg(float(scales[0])))
+        z = _torch_noise(mech, scales, (B, Nq, H, D), q.device, seed)
+        return EpilogueNoise(sigma=sigma, tensor=z, quantize=True)
+    if sampler is not None:
+        sigma = _f32_up(delta_rows[:, None, :] * scales[None, :, None])  # (B, H, Nq): Delta_i * s_h
+        return EpilogueNoise(sigma=sigma, sampler=sampler, seed=seed)
+    sigma = _f32_up(delta_rows[:, None, :].expand(B, H, Nq))  # Delta_i; the tensor holds noise of scale s_h
+    z = _torch_noise(mech, scales, (B, Nq, H, D), q.device, seed)
+    return EpilogueNoise(sigma=sigma, tensor=z)
+
+
+def _torch_noise(mech, scales, shape, device, seed) -> torch.Tensor:
+    """Noise of scale s_h in head h, from the mechanism's torch sampler, seeded by ``seed``."""
+    B, Nq, H, D = shape
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    z = torch.zeros(shape, device=device, dtype=torch.float32)
+    for h in range(H):
+        s = float(scales[h])
+        if s > 0:
+            z[:, :, h, :] = mech.sample((B, Nq, D), s, generator=gen, device=device, dtype=torch.float32)
+    return z
+
+
+# ------------------------------------------------------------------------ module
+
+
+class DPFlashAttention(nn.Module):
+    """Multi-head attention whose output is (epsilon, delta)-DP for one key/value record.
+
+    Constructor and call follow ``nn.MultiheadAttention`` (``embed_dim, num_heads, dropout,
+    bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first``; ``forward(query, key,
+    value, key_padding_mask=None, need_weights=False, attn_mask=None, ...)`` with its
+    ``key_padding_mask`` convention, True = ignore). Privacy: ``epsilon``, ``delta`` per
+    call (all heads), ``mechanism`` (a name or a DPMechanism instance), ``head_epsilons``
+    (a budget per head; inf = no noise on that head, and the stats then say epsilon = inf),
+    or ``strategy="importance"`` with ``head_weights`` to split one budget across heads.
+    Keys and values are the private records (one record = ``record_size`` positions of the
+    key/value sequence); queries are public. ``get_privacy_spent()`` composes every call so far.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+                 vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None, *,
+                 epsilon: float, delta: float, mechanism="gaussian", value_clip: float = 1.0,
+                 score_cap: float = DEFAULT_SCORE_CAP, score_cap_mode: str = "clamp", record_size: int = 1,
+                 head_epsilons: Optional[Sequence[float]] = None, strategy: Optional[str] = None,
+                 head_weights: Optional[Sequence[float]] = None, causal: bool = False,
+                 accountant: Optional[str] = None) -> None:
+        super().__init__()
+        if dropout != 0.0:
+            raise PrivacyParameterError(f"dropout={dropout!r} is not supported by DPFlashAttention; only 0.0.")
+        if add_bias_kv or add_zero_attn:
+            raise PrivacyParameterError("add_bias_kv and add_zero_attn are not supported by DPFlashAttention.")
+        embed_dim = _validate.count(embed_dim, "embed_dim")
+        num_heads = _validate.count(num_heads, "num_heads")
+        if embed_dim % num_heads != 0:
+            raise ShapeError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}.")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.batch_first = batch_first
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, **kw)
+        self.k_proj = nn.Linear(self.kdim, embed_dim, **kw)
+        self.v_proj = nn.Linear(self.vdim, embed_dim, **kw)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, **kw)
+        self.privacy = dict(epsilon=epsilon, delta=delta, mechanism=mechanism, value_clip=value_clip,
+                            score_cap=score_cap, score_cap_mode=score_cap_mode, record_size=record_size,
+                            head_epsilons=head_epsilons, strategy=strategy, head_weights=head_weights)
+        self.causal = bool(causal)
+        # check the budget now, not at the first forward: the checks and the calibration of a
+        # call on a store of one record
+        probe = torch.empty(1, record_size, num_heads, self.head_dim, device="meta")
+        _check_inputs(probe, probe, epsilon, delta, value_clip, score_cap, record_size, head_epsilons, 0)
+        mech = mechanism_registry.resolve(mechanism)
+        _plan(mech, _norm_of(mech), 1, num_heads, self.head_dim, float(epsilon), delta,
+              head_epsilons, _head_shares(num_heads, strategy, head_weights))
+        self._accountant_name = accountant or ("pld" if mech.has_curve("pld") else "rdp")
+        self._accountant = accountant_registry.get(self._accountant_name)()
+        self._not_private = False
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = False, attn_mask=None,
+                average_attn_weights: bool = True, is_causal: bool = False, *, return_privacy_stats: bool = False,
+                seed: Optional[int] = None):
+        """(output, stats if ``return_privacy_stats`` else None), like nn.MultiheadAttention's (output, weights)."""
+        if need_weights:
+            raise PrivacyParameterError(
+                "need_weights=True would return attention weights computed from the private keys without noise; "
+                "DPFlashAttention releases only the noisy output (pass need_weights=False).")
+        if attn_mask is not None:
+            raise ShapeError("attn_mask is not supported; use key_padding_mask, or is_causal=True / causal=True.")
+        if not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        B, Nq, _ = query.shape
+        Nk = key.shape[1]
+        H, D = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(B, Nq, H, D)
+        k = self.k_proj(key).view(B, Nk, H, D)
+        v = self.v_proj(value).view(B, Nk, H, D)
+        kpm = None
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool:
+                raise ShapeError(f"Expected key_padding_mask of dtype torch.bool (True = ignore, as "
+                                 f"nn.MultiheadAttention), got {key_padding_mask.dtype}.")
+            kpm = ~key_padding_mask  # dpfa's kernels take True = attend
+        out, stats = dp_flash_attn_func(q, k, v, causal=self.causal or is_causal, key_padding_mask=kpm,
+                                        seed=seed, return_privacy_stats=True, **self.privacy)
+        for e in stats.events:
+            self._accountant.compose_event(e)
+        if not stats.is_private:
+            self._not_private = True
+        out = self.out_proj(out.reshape(B, Nq, H * D))  # post-processing of the noisy output
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (stats if return_privacy_stats else None)
+
+    def get_privacy_spent(self, delta: Optional[float] = None) -> tuple[float, float]:
+        """(epsilon, delta) of every call so far, composed by the module's accountant."""
+        delta = self.privacy["delta"] if delta is None else _validate.delta(delta)
+        if self._not_private:
+            return math.inf, delta
+        if not self._accountant.history:
+            return 0.0, 0.0
+        return self._accountant.get_epsilon(delta), delta
