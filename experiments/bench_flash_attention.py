@@ -141,6 +141,75 @@ def bench_shape(spec, dtype, backends, warmup, rep, hooks):
     return row
 
 
+def bench_dp(spec, dtype, warmup, rep):
+    """Issue 13: the DP release forward against its baselines, one shape, forward only.
+
+    - ``dpfa_clean``: dpfa with the cap and the value clip, no noise (epsilon = inf);
+    - ``dpfa_dp_fused``: ``dp_flash_attn_func`` (Gaussian, noise from the device sampler in the epilogue);
+    - ``dpfa_dp_tensor``: the same release with the noise read from a tensor made by ``torch.randn``
+      just before (the path of mechanisms without a device sampler; generation included);
+    - ``sdpa_{flash,cudnn}_posthoc``: SDPA, then a separate pass adding ``sigma * randn`` (no cap, no clip);
+    - ``flex_pipeline``: what a PyTorch user can build with the same guarantee: value rows clipped in
+      torch, FlexAttention (compiled) with a tanh score cap, then a noise pass.
+    """
+    import dpfa
+    from dpfa.kernels.flash_attention import EpilogueNoise, flash_attn_with_hooks
+    from torch.nn.attention import sdpa_kernel
+
+    b, h, n, d, causal = spec["batch"], spec["heads"], spec["seqlen"], spec["head_dim"], spec["causal"]
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype) for _ in range(3))
+    cap, clip = 2.0, 1.0
+    opts = dict(causal=causal, epsilon=1.0, delta=1e-5, score_cap=cap, value_clip=clip)
+    sigma = torch.full((b, h, n), 0.05, device="cuda")
+    t = {}
+    with torch.no_grad():
+        t["dpfa_clean"] = do_bench(lambda: dpfa.dp_flash_attn_func(q, k, v, **{**opts, "epsilon": math.inf}),
+                                   warmup=warmup, rep=rep, return_mode="median")
+        t["dpfa_dp_fused"] = do_bench(lambda: dpfa.dp_flash_attn_func(q, k, v, seed=1, **opts),
+                                      warmup=warmup, rep=rep, return_mode="median")
+
+        def tensor_path():
+            z = torch.randn(q.shape, device="cuda", dtype=torch.float32)
+            return flash_attn_with_hooks(q, k, v, causal=causal, score_cap=cap, value_clip=clip,
+                                         noise=EpilogueNoise(sigma=sigma, tensor=z))
+        t["dpfa_dp_tensor"] = do_bench(tensor_path, warmup=warmup, rep=rep, return_mode="median")
+        for name in ("flash", "cudnn"):
+            backend = _backend(name)
+
+            def posthoc(backend=backend):
+                with sdpa_kernel(backend):
+                    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                       is_causal=causal)
+                return o + 0.05 * torch.randn_like(o)
+            try:
+                t[f"sdpa_{name}_posthoc"] = do_bench(posthoc, warmup=warmup, rep=rep, return_mode="median")
+            except RuntimeError:
+                t[f"sdpa_{name}_posthoc"] = None
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            flex = torch.compile(flex_attention)
+            mask = None
+            if causal:
+                mask = create_block_mask(lambda bb, hh, qi, ki: qi >= ki, None, None, n, n, device="cuda")
+
+            def softcap(score, bb, hh, qi, ki):
+                return cap * torch.tanh(score / cap)
+
+            def pipeline():
+                vv = v.transpose(1, 2)
+                vv = vv * torch.clamp(clip / vv.float().norm(dim=-1, keepdim=True), max=1.0).to(vv.dtype)
+                o = flex(q.transpose(1, 2), k.transpose(1, 2), vv, score_mod=softcap, block_mask=mask)
+                return o + 0.05 * torch.randn_like(o)
+            t["flex_pipeline"] = do_bench(pipeline, warmup=warmup, rep=rep, return_mode="median")
+        except Exception as e:  # FlexAttention missing or failing on this build
+            t["flex_pipeline"] = None
+            t["flex_error"] = f"{type(e).__name__}: {e}"[:200]
+    base = t["dpfa_dp_fused"]
+    ratios = {f"dp_fused_vs_{name}": (base / ms if isinstance(ms, float) else None)
+              for name, ms in t.items() if name != "dpfa_dp_fused" and not name.endswith("error")}
+    return {"name": spec["name"], "times_ms": t, "ratios": ratios}
+
+
 def _fmt(x, spec="{:.3f}"):
     return "n/a" if x is None else spec.format(x)
 
@@ -186,6 +255,8 @@ def main(argv=None):
     p.add_argument("--out-dir", default=str(ROOT / "experiments/results"))
     p.add_argument("--only", nargs="*", help="names of the shapes to run (default: all)")
     p.add_argument("--hooks", action="store_true", help="also time the DP release hooks (forward)")
+    p.add_argument("--dp", action="store_true",
+                   help="time the DP release (issue 13) against its baselines instead; writes dp_attention.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_flash_attention.py needs a CUDA GPU: the timings are GPU timings.")
@@ -199,6 +270,21 @@ def main(argv=None):
         "timing": "triton.testing.do_bench median, warmup %d ms, rep %d ms" % (cfg["warmup_ms"], cfg["rep_ms"]),
         "targets": TARGETS, "shapes": [],
     }
+    if args.dp:
+        result["dp_shapes"] = []
+        out = pathlib.Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for spec in cfg["shape"]:
+            if args.only and spec["name"] not in args.only:
+                continue
+            try:
+                row = bench_dp(spec, dtype, cfg["warmup_ms"], cfg["rep_ms"])
+            except Exception as e:  # keep the other shapes
+                row = {"name": spec["name"], "failed": f"{type(e).__name__}: {e}"[:500]}
+            result["dp_shapes"].append(row)
+            print(json.dumps(row), flush=True)
+            (out / "dp_attention.json").write_text(json.dumps(result, indent=2) + "\n")
+        return
     for spec in cfg["shape"]:
         if args.only and spec["name"] not in args.only:
             continue
