@@ -18,3 +18,17 @@ from dpfa.attention import DPFlashAttention, dp_flash_attn_func  # noqa: E402
 __all__ = ["errors", "mechanisms", "accountants", "training", "DPMechanism", "noise_multiplier_for",
            "PrivacyEngine", "make_model_differentially_private", "flash_attn_func", "dp_flash_attn_func",
            "DPFlashAttention", "__version__"]
+
+
+def privacy_check(**kwargs):
+    """Empirical privacy audits of every mechanism and of the DP-SGD noise; see :func:`dpfa.attacks.privacy_check`.
+
+    Returns a report whose ``str()`` is a table, with ``passed`` and ``to_dict()``.
+    (A thin wrapper, so that ``import dpfa`` does not load the attacks and scikit-learn.)
+    """
+    from dpfa.attacks.privacy_check import privacy_check as _privacy_check
+
+    return _privacy_check(**kwargs)
+
+
+__all__.append("privacy_check")

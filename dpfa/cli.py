@@ -3,6 +3,8 @@
     dpfa epsilon      epsilon spent by a DP-SGD-style run (noise, sampling rate, steps)
     dpfa noise        the noise multiplier that meets a target epsilon
     dpfa accountants  every accountant on one configuration, side by side
+    dpfa check        empirical privacy audits of every mechanism and of the DP-SGD noise
+                      (exit status 1 when a lower bound exceeds its claim)
 
 Bad input never gives a traceback: the message names the value and what is allowed,
 and the exit status is 2.
@@ -22,6 +24,7 @@ from dpfa import _validate
 from dpfa.errors import DPFAError
 
 EXIT_USAGE = 2
+EXIT_CHECK_FAILED = 1
 
 
 def _sampling_rate(args) -> float:
@@ -133,6 +136,19 @@ def cmd_accountants(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from dpfa.attacks.privacy_check import privacy_check
+
+    report = privacy_check(
+        epsilon=_validate.epsilon(args.epsilon, "--epsilon"), delta=_validate.delta(args.delta, "--delta"),
+        n_samples=_validate.count(args.samples, "--samples", minimum=4),
+        seed=None if args.seed is None else _validate.count(args.seed, "--seed", minimum=0),
+        confidence=args.confidence, accountant=args.accountant,
+    )
+    print(json.dumps(report.to_dict()) if args.json else str(report))
+    return 0 if report.passed else EXIT_CHECK_FAILED
+
+
 def _add_common(p: argparse.ArgumentParser, accountant: bool = True) -> None:
     p.add_argument("--mechanism", default="gaussian",
                    help="noise mechanism, a registered name: gaussian (L2), laplace (L1), discrete_gaussian "
@@ -187,6 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise scale / sensitivity; >= 0")
     _add_common(p, accountant=False)
     p.set_defaults(func=cmd_accountants)
+
+    from dpfa.attacks.privacy_check import DEFAULT_SAMPLES
+
+    p = sub.add_parser("check", help="audit every mechanism and the DP-SGD noise empirically",
+                       description="Run each mechanism and the DP-SGD noise step many times on two neighbouring "
+                                   "inputs and bound epsilon from below (Clopper-Pearson). Exit status 0 when no "
+                                   "lower bound exceeds its claimed epsilon, 1 when one does, 2 on bad input.")
+    p.add_argument("--epsilon", type=float, default=1.0, help="epsilon each audit is calibrated for (default: 1)")
+    p.add_argument("--delta", type=float, default=1e-5, help="delta each audit is calibrated for (default: 1e-5)")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
+                   help=f"outputs drawn per input and audit (default: {DEFAULT_SAMPLES})")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the noise and of the split, for a repeatable report (default: 0)")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="confidence of the whole report, shared by the audits (default: 0.95)")
+    p.add_argument("--accountant", default="prv", help="the DP-SGD engine's accountant: rdp, prv or pld (default: prv)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the report) instead of the table")
+    p.set_defaults(func=cmd_check)
     return parser
 
 

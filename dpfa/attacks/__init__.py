@@ -1,0 +1,29 @@
+"""Attacks that turn an epsilon claim into something testable (issue 7).
+
+- :mod:`~dpfa.attacks.bounds`: Clopper-Pearson intervals and the empirical epsilon lower
+  bound of a hypothesis test (Kairouz et al. 2015; Jagielski et al. 2020).
+- :mod:`~dpfa.attacks.thresholds`: how the rejection region is chosen (Split,
+  Bonferroni, Explicit) so that the bound keeps its confidence.
+- :mod:`~dpfa.attacks.mechanism_audit`: :func:`audit_mechanism`, a mechanism run many
+  times on two neighbouring inputs; :func:`audit_dpsgd_noise`, the same for the noise
+  that the DP-SGD optimizer adds to the clipped sum.
+- :mod:`~dpfa.attacks.membership`: the loss-threshold membership-inference attack
+  (Yeom et al. 2018): ROC, AUC, TPR at low FPR, and its epsilon lower bound.
+- :mod:`~dpfa.attacks.privacy_check`: :func:`privacy_check`, all the quick audits in one
+  report (``dpfa check`` on the command line).
+"""
+
+from dpfa.attacks.bounds import (EpsilonBound, clopper_pearson, clopper_pearson_lower, clopper_pearson_upper,
+                                 epsilon_from_rates, epsilon_lower_bound)
+from dpfa.attacks.thresholds import (Bonferroni, Explicit, ScoreBound, Split, epsilon_lower_bound_from_scores)
+from dpfa.attacks.mechanism_audit import AuditResult, audit_mechanism, audit_samples
+from dpfa.attacks.dpsgd_audit import audit_dpsgd_noise
+from dpfa.attacks.membership import MembershipAttackResult, loss_threshold_attack
+from dpfa.attacks.privacy_check import PrivacyCheckReport, privacy_check
+
+__all__ = [
+    "EpsilonBound", "clopper_pearson", "clopper_pearson_lower", "clopper_pearson_upper", "epsilon_from_rates",
+    "epsilon_lower_bound", "Bonferroni", "Explicit", "ScoreBound", "Split", "epsilon_lower_bound_from_scores",
+    "AuditResult", "audit_mechanism", "audit_samples", "audit_dpsgd_noise", "MembershipAttackResult",
+    "loss_threshold_attack", "PrivacyCheckReport", "privacy_check",
+]
