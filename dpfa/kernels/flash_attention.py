@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import triton
 
-from dpfa.errors import ShapeError
+from dpfa.errors import DPFAError, ShapeError
 from dpfa.kernels.flash_attention_bwd import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel
 from dpfa.kernels.flash_attention_fwd import flash_fwd_kernel
 from dpfa.kernels.flash_attention_reference import (SCORE_CAP_MODES, VALUE_CLIP_NORMS, attention_reference,
@@ -304,32 +304,92 @@ def _backward(do, q, k, v_used, o, lse2, kpm, sm_scale, causal, cap, cap_mode):
     return dq, dk, dv
 
 
+def _merge_vmap_dim(x, dim, size):
+    """Fold a vmapped dimension into the batch dimension: (V, B, ...) -> (V * B, ...).
+
+    Attention is already batched, so a vmap over examples (per-example gradients) is the
+    same kernel on a larger batch. An input that is not vmapped (dim None) is broadcast.
+    """
+    if x is None:
+        return None
+    x = x.unsqueeze(0).expand(size, *x.shape) if dim is None else x.movedim(dim, 0)
+    return x.reshape(size * x.shape[1], *x.shape[2:])
+
+
+def _split_vmap_dim(x, size):
+    return x.reshape(size, x.shape[0] // size, *x.shape[1:])
+
+
 class _FlashAttnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, kpm, sm_scale, causal, cap, cap_mode, v_clip, v_norm, noise):
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        kpm_u8 = kpm.to(torch.uint8).contiguous() if kpm is not None else None
-        needs_grad = any(ctx.needs_input_grad[:3])
-        o, lse2, o_clean = _forward(q, k, v, kpm_u8, sm_scale, causal, cap, cap_mode, v_clip, v_norm, noise,
-                                    store_clean=needs_grad)
-        ctx.save_for_backward(q, k, v, o_clean, lse2, kpm_u8)
-        ctx.args = (sm_scale, causal, cap, cap_mode, v_clip, v_norm)
-        lse = torch.where(torch.isinf(lse2), torch.full_like(lse2, -math.inf), lse2 * _LN2)
-        ctx.mark_non_differentiable(lse)
-        return o, lse
+    """Forward kernel with autograd; ``setup_context`` and ``vmap`` make it work under
+    ``torch.func.grad``, ``vjp`` and ``vmap`` (per-example gradients through dpfa's attention)."""
 
     @staticmethod
-    def backward(ctx, do, _dlse):
+    def forward(q, k, v, kpm_u8, sm_scale, causal, cap, cap_mode, v_clip, v_norm, noise, store_clean):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        o, lse2, o_clean = _forward(q, k, v, kpm_u8, sm_scale, causal, cap, cap_mode, v_clip, v_norm, noise,
+                                    store_clean=store_clean)
+        lse = torch.where(torch.isinf(lse2), torch.full_like(lse2, -math.inf), lse2 * _LN2)
+        # the output before noise, which the backward needs (empty when there is no noise)
+        clean = o_clean if (noise is not None and store_clean) else o.new_empty(0)
+        return o, lse, clean, lse2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, kpm_u8, sm_scale, causal, cap, cap_mode, v_clip, v_norm, noise, store_clean = inputs
+        o, lse, clean, lse2 = output
+        ctx.mark_non_differentiable(lse, clean, lse2)
+        ctx.save_for_backward(q, k, v, o if clean.numel() == 0 else clean, lse2, kpm_u8)
+        ctx.args = (sm_scale, causal, cap, cap_mode, v_clip, v_norm)
+
+    @staticmethod
+    def backward(ctx, do, _dlse, _dclean, _dlse2):
         q, k, v, o, lse2, kpm_u8 = ctx.saved_tensors
-        sm_scale, causal, cap, cap_mode, v_clip, v_norm = ctx.args
+        dq, dk, dv = _FlashAttnBackward.apply(do, q, k, v, o, lse2, kpm_u8, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, kpm_u8, sm_scale, causal, cap, cap_mode, v_clip, v_norm, noise, store_clean):
+        if noise is not None:
+            raise ShapeError("Epilogue noise under torch.func.vmap is not supported: the noise offsets are those of "
+                             "one (batch, seqlen, heads, head_dim) output. Call without vmap.")
+        n = info.batch_size
+        q, k, v, kpm_u8 = (_merge_vmap_dim(t, d, n) for t, d in zip((q, k, v, kpm_u8), in_dims[:4]))
+        o, lse, clean, lse2 = _FlashAttnFunction.apply(q, k, v, kpm_u8, sm_scale, causal, cap, cap_mode, v_clip,
+                                                       v_norm, None, store_clean)
+        return (_split_vmap_dim(o, n), _split_vmap_dim(lse, n), clean, _split_vmap_dim(lse2, n)), (0, 0, None, 0)
+
+
+class _FlashAttnBackward(torch.autograd.Function):
+    """The two backward kernels (dK/dV, then dQ), as a function of its own so that the
+    backward also runs under vmap (``vmap(grad(f))``). Not differentiable again."""
+
+    @staticmethod
+    def forward(do, q, k, v, o, lse2, kpm_u8, sm_scale, causal, cap, cap_mode, v_clip, v_norm):
         do = _last_dim_contiguous(do)
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         v_used = clip_value_rows(v, v_clip, v_norm)
         dq, dk, dv = _backward(do, q, k, v_used, o, lse2, kpm_u8, sm_scale, causal, cap, cap_mode)
         if v_clip is not None:
             # chain rule through the per-row clipping (computed in float32, as the forward did)
             _, vjp = torch.func.vjp(lambda x: clip_value_rows(x, v_clip, v_norm).float(), v.float())
             dv = vjp(dv.float())[0].to(v.dtype)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise DPFAError("dpfa.flash_attn_func has no double backward (gradients of its gradients).")
+
+    @staticmethod
+    def vmap(info, in_dims, do, q, k, v, o, lse2, kpm_u8, *args):
+        n = info.batch_size
+        merged = [_merge_vmap_dim(t, d, n) for t, d in zip((do, q, k, v, o, lse2, kpm_u8), in_dims[:7])]
+        grads = _FlashAttnBackward.apply(*merged, *args)
+        return tuple(_split_vmap_dim(g, n) for g in grads), (0, 0, 0)
 
 
 # ------------------------------------------------------------------------ public API
@@ -371,8 +431,11 @@ def flash_attn_with_hooks(
         lse = torch.zeros((0, q.shape[2], q.shape[1]), device=q.device)
         return (out, lse) if return_lse else out
     if q.is_cuda or _interpreting():
-        out, lse = _FlashAttnFunction.apply(q, k, v, key_padding_mask, sm_scale, bool(causal),
-                                            score_cap, score_cap_mode, value_clip, value_clip_norm, noise)
+        kpm_u8 = key_padding_mask.to(torch.uint8).contiguous() if key_padding_mask is not None else None
+        # keep the noiseless output for the backward only when a gradient can be asked for
+        store_clean = noise is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        out, lse, _, _ = _FlashAttnFunction.apply(q, k, v, kpm_u8, sm_scale, bool(causal), score_cap,
+                                                  score_cap_mode, value_clip, value_clip_norm, noise, store_clean)
         return (out, lse) if return_lse else out
     # plain torch: no GPU and no interpreter
     out, lse = attention_reference(q, k, v, causal=bool(causal), softmax_scale=sm_scale,
