@@ -280,3 +280,71 @@ def test_scale_is_rounded_up_to_float32():
     assert noise_mod._scale_arg(s) >= s
     assert noise_mod._scale_arg(s) == float(np.nextafter(np.float32(1.0), np.float32(2.0)))
     assert noise_mod._scale_arg(0.5) == 0.5
+
+
+# ------------------------------------------------------- laws at every scale (issue 12)
+
+SCALES = [0.5, 1.0, 3.0, 100.0, 1e4]
+N_SCALE = 40_000
+
+
+def _moments_within(x, mean, var, m4):
+    """Sample mean and variance within 4.42 standard errors of the law's (4th central moment m4)."""
+    n = len(x)
+    se_mean = math.sqrt(var / n)
+    se_var = math.sqrt(max(m4 - var**2, 1e-300) / n)
+    return abs(x.mean() - mean) <= 4.42 * se_mean and abs(x.var() - var) <= 4.42 * se_var
+
+
+def _dg_moments(sigma):
+    k = np.arange(-int(40 * sigma) - 2, int(40 * sigma) + 3)
+    p = dg.pmf(k, sigma)
+    return float((p * k**2).sum()), float((p * k**4).sum())
+
+
+def _law_ok(name, x, scale):
+    if name == "gaussian":
+        return stats.kstest(x / scale, "norm").pvalue > P_MIN and _moments_within(x, 0, scale**2, 3 * scale**4)
+    if name == "laplace":
+        return stats.kstest(x / scale, "laplace").pvalue > P_MIN and _moments_within(x, 0, 2 * scale**2,
+                                                                                    24 * scale**4)
+    var, m4 = _dg_moments(scale)
+    if not np.all(x == np.round(x)):
+        return False
+    if scale <= 100:
+        return _chi2_vs_pmf(x, scale) > P_MIN and _moments_within(x, 0, var, m4)
+    # at 1e4 the pmf is the Gaussian density at integers to within e^{-2 pi^2 sigma^2}: bin the values
+    edges = scale * np.array([-np.inf, -2, -1, -0.5, 0, 0.5, 1, 2, np.inf])
+    obs = np.histogram(x, bins=edges)[0]
+    cdf = stats.norm.cdf(edges / scale)
+    return stats.chisquare(obs, len(x) * np.diff(cdf)).pvalue > P_MIN and _moments_within(x, 0, var, m4)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_law_at_every_scale(name, scale):
+    x = _noise(SAMPLERS[name], scale, n=N_SCALE, seed=SEED + int(scale))
+    assert _law_ok(name, x, scale)
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_law_tests_reject_a_scale_off_by_ten_percent(name, scale):
+    x = _noise(SAMPLERS[name], 0.9 * scale, n=N_SCALE, seed=SEED + 1)
+    assert not _law_ok(name, x, scale)
+
+
+def test_law_test_rejects_laplace_in_place_of_gaussian():
+    x = _noise(ds.laplace_sampler, 3.0 / math.sqrt(2), n=N_SCALE, seed=SEED + 2)  # same variance as N(0, 9)
+    assert not _law_ok("gaussian", x, 3.0)
+
+
+def test_streams_are_uncorrelated_across_offsets_and_seeds():
+    """No (seed, counter) reuse: disjoint offset ranges and different seeds give uncorrelated noise."""
+    n = 50_000
+    a = _noise(ds.gaussian_sampler, 1.0, seed=7, n=2 * n)
+    b = _noise(ds.gaussian_sampler, 1.0, seed=8, n=n)
+    limit = 5 / math.sqrt(n)
+    assert abs(np.corrcoef(a[:n], a[n:])[0, 1]) < limit  # neighbouring counter ranges
+    assert abs(np.corrcoef(a[:n], b)[0, 1]) < limit  # same counters, another seed
+    assert abs(np.corrcoef(a[:n - 1], a[1:n])[0, 1]) < limit  # consecutive counters
