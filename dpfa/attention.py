@@ -56,8 +56,8 @@ from dpfa import _validate
 from dpfa.accountants import registry as accountant_registry
 from dpfa.accountants.events import SampledMechanismEvent
 from dpfa.errors import PrivacyParameterError, ShapeError
-from dpfa.kernels.flash_attention import EpilogueNoise, flash_attn_with_hooks
-from dpfa.kernels.noise import _scale_arg, interpreted
+from dpfa.kernels.flash_attention import EpilogueNoise, flash_attn_with_hooks, runs_kernels
+from dpfa.kernels.noise import _scale_arg
 from dpfa.mechanisms import registry as mechanism_registry
 from dpfa.mechanisms.base import DPMechanism
 
@@ -369,8 +369,7 @@ def _noise(mech, norm, plan, scales, delta_rows, q, seed) -> EpilogueNoise:
     """The epilogue's noise: the mechanism's device sampler where kernels run, else a tensor
     from its torch sampler (same calibration)."""
     B, Nq, H, D = q.shape
-    on_kernel = q.is_cuda or interpreted()
-    sampler = getattr(mech, "triton_sampler", None) if on_kernel else None
+    sampler = getattr(mech, "triton_sampler", None) if runs_kernels(q) else None
     quantize = norm == "l2_grid"
     if quantize:
         grid = delta_rows / (GRID_STEPS * math.sqrt(D))  # (B, Nq): step of each row

@@ -9,6 +9,8 @@
   that the DP-SGD optimizer adds to the clipped sum.
 - :mod:`~dpfa.attacks.membership`: the loss-threshold membership-inference attack
   (Yeom et al. 2018): ROC, AUC, TPR at low FPR, and its epsilon lower bound.
+- :mod:`~dpfa.attacks.release_audit`: :func:`audit_attention_release`, the DP attention
+  release on its worst-case pair of stores.
 - :mod:`~dpfa.attacks.privacy_check`: :func:`privacy_check`, all the quick audits in one
   report (``dpfa check`` on the command line).
 """
@@ -19,11 +21,12 @@ from dpfa.attacks.thresholds import (Bonferroni, Explicit, ScoreBound, Split, ep
 from dpfa.attacks.mechanism_audit import AuditResult, audit_mechanism, audit_samples
 from dpfa.attacks.dpsgd_audit import audit_dpsgd_noise
 from dpfa.attacks.membership import MembershipAttackResult, loss_threshold_attack
+from dpfa.attacks.release_audit import audit_attention_release
 from dpfa.attacks.privacy_check import PrivacyCheckReport, privacy_check
 
 __all__ = [
     "EpsilonBound", "clopper_pearson", "clopper_pearson_lower", "clopper_pearson_upper", "epsilon_from_rates",
     "epsilon_lower_bound", "Bonferroni", "Explicit", "ScoreBound", "Split", "epsilon_lower_bound_from_scores",
     "AuditResult", "audit_mechanism", "audit_samples", "audit_dpsgd_noise", "MembershipAttackResult",
-    "loss_threshold_attack", "PrivacyCheckReport", "privacy_check",
+    "loss_threshold_attack", "audit_attention_release", "PrivacyCheckReport", "privacy_check",
 ]

@@ -8,7 +8,10 @@ al. 2021):
   :func:`~dpfa.attacks.mechanism_audit.audit_mechanism` at (epsilon, delta), sensitivity 1;
 - ``dpsgd[NAME]`` for every mechanism of the DP-SGD engine: one step of the engine on a
   one-example dataset against the empty one, through the optimizer's own clipping and
-  noise (:func:`~dpfa.attacks.dpsgd_audit.audit_dpsgd_noise`).
+  noise (:func:`~dpfa.attacks.dpsgd_audit.audit_dpsgd_noise`);
+- ``release[NAME]`` for the built-in mechanisms of the DP attention release: the worst-case
+  pair of stores through ``dp_flash_attn_func``
+  (:func:`~dpfa.attacks.release_audit.audit_attention_release`).
 
 An item FAILS when its lower bound exceeds the epsilon claimed for it: with the item's
 confidence, the code is then not as private as it says. The items share the report's
@@ -32,6 +35,8 @@ from dpfa.errors import PrivacyParameterError
 __all__ = ["PrivacyCheckReport", "CheckItem", "privacy_check", "DEFAULT_SAMPLES"]
 
 DEFAULT_SAMPLES = 400_000
+#: mechanisms of the attention release that the report audits by default
+RELEASE_MECHANISMS = ("gaussian", "laplace", "discrete_gaussian")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,12 +142,14 @@ def _run(name: str, kind: str, fn) -> CheckItem:
 
 def privacy_check(*, epsilon: float = 1.0, delta: float = 1e-5, n_samples: int = DEFAULT_SAMPLES,
                   seed: Optional[int] = 0, confidence: float = 0.95, mechanisms: Optional[Sequence[str]] = None,
-                  dpsgd: Optional[Sequence[str]] = None, accountant: str = "prv") -> PrivacyCheckReport:
+                  dpsgd: Optional[Sequence[str]] = None, release: Optional[Sequence[str]] = None,
+                  accountant: str = "prv") -> PrivacyCheckReport:
     """Run the quick audits (module docstring) and return a :class:`PrivacyCheckReport`.
 
     ``mechanisms``: names to audit (default: every registered one); ``dpsgd``: engine
     mechanisms whose DP-SGD noise step to audit (default: all, i.e. gaussian and
-    laplace), with the engine's ``accountant``. ``n_samples`` outputs per input and item
+    laplace), with the engine's ``accountant``; ``release``: mechanisms of the attention
+    release to audit (default: the built-ins). ``n_samples`` outputs per input and item
     (half choose the region, half give the bound); ``seed`` makes the report repeatable
     (None: fresh randomness). ``confidence`` is the report's (see the module docstring).
     A few seconds on a laptop CPU at the defaults.
@@ -150,6 +157,7 @@ def privacy_check(*, epsilon: float = 1.0, delta: float = 1e-5, n_samples: int =
     from dpfa import accountants as acc_registry
     from dpfa import mechanisms as mech_registry
     from dpfa.attacks.dpsgd_audit import audit_dpsgd_noise
+    from dpfa.attacks.release_audit import audit_attention_release
     from dpfa.training.engine import ENGINE_MECHANISMS
 
     t0 = time.perf_counter()
@@ -161,13 +169,14 @@ def privacy_check(*, epsilon: float = 1.0, delta: float = 1e-5, n_samples: int =
         seed = _validate.count(seed, "seed", minimum=0)
     mech_names = list(mech_registry.names() if mechanisms is None else mechanisms)
     dpsgd_names = list(ENGINE_MECHANISMS if dpsgd is None else dpsgd)
-    for m in mech_names + dpsgd_names:
+    release_names = list(RELEASE_MECHANISMS if release is None else release)
+    for m in mech_names + dpsgd_names + release_names:
         mech_registry.get(m)  # an unknown name is a usage error, not a failed check
     for m in dpsgd_names:
         if m not in ENGINE_MECHANISMS:
             raise PrivacyParameterError(f"dpsgd={m!r}: the DP-SGD engine supports {', '.join(ENGINE_MECHANISMS)}.")
     acc_registry.get(accountant)
-    k = max(1, len(mech_names) + len(dpsgd_names))
+    k = max(1, len(mech_names) + len(dpsgd_names) + len(release_names))
     item_conf = 1.0 - (1.0 - conf) / k
 
     items = []
@@ -178,5 +187,8 @@ def privacy_check(*, epsilon: float = 1.0, delta: float = 1e-5, n_samples: int =
         items.append(_run(f"dpsgd[{m}]", "dpsgd-noise", lambda m=m: audit_dpsgd_noise(
             m, epsilon, delta, 1.0, accountant=accountant, n_samples=n, seed=seed, confidence=item_conf,
             name=f"dpsgd[{m}]")))
+    for m in release_names:
+        items.append(_run(f"release[{m}]", "attention-release", lambda m=m: audit_attention_release(
+            m, epsilon, delta, n_samples=n, seed=seed, confidence=item_conf, name=f"release[{m}]")))
     return PrivacyCheckReport(items=tuple(items), epsilon=epsilon, delta=delta, confidence=conf, n_samples=n,
                               seed=seed, seconds=time.perf_counter() - t0)

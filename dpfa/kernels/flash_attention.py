@@ -13,6 +13,8 @@ keeps flash-attn's signature.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import numbers
@@ -72,6 +74,27 @@ class EpilogueNoise:
 def _interpreting() -> bool:
     """True when the kernels were defined under ``TRITON_INTERPRET=1``."""
     return type(flash_fwd_kernel).__name__ == "InterpretedFunction" or not hasattr(flash_fwd_kernel, "run")
+
+
+_REFERENCE_ONLY = contextvars.ContextVar("dpfa_reference_only", default=False)
+
+
+def runs_kernels(t: torch.Tensor) -> bool:
+    """Whether a call on ``t`` runs the Triton kernels (CUDA, or the interpreter on a CPU)
+    rather than the plain-torch reference."""
+    return t.is_cuda or (_interpreting() and not _REFERENCE_ONLY.get())
+
+
+@contextlib.contextmanager
+def reference_path():
+    """Within this block, CPU calls run the plain-torch reference even under
+    ``TRITON_INTERPRET=1`` (the interpreter costs ~15 ms a program: audits that need
+    10^5 releases on a CPU use the reference). CUDA calls are unaffected."""
+    token = _REFERENCE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE_ONLY.reset(token)
 
 
 def _autotune_enabled() -> bool:
@@ -430,7 +453,7 @@ def flash_attn_with_hooks(
         out = q.new_zeros(q.shape)
         lse = torch.zeros((0, q.shape[2], q.shape[1]), device=q.device)
         return (out, lse) if return_lse else out
-    if q.is_cuda or _interpreting():
+    if runs_kernels(q):
         kpm_u8 = key_padding_mask.to(torch.uint8).contiguous() if key_padding_mask is not None else None
         # keep the noiseless output for the backward only when a gradient can be asked for
         store_clean = noise is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
