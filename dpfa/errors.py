@@ -40,3 +40,7 @@ class StateMismatchError(DPFAError, ValueError):
 
 class ShapeError(DPFAError, ValueError):
     """A tensor has the wrong rank, shape, dtype or device for the call."""
+
+
+class DistributedError(DPFAError, RuntimeError):
+    """A torch.distributed collective of the engine failed: a rank exited, crashed or timed out."""

@@ -62,7 +62,10 @@ def _l1_norms(contributions: Sequence[Contribution]) -> torch.Tensor:
                 part = c.dense_left()[i].t() @ c.right[i]
             total = part if total is None else total + part
         out.append(total.abs().sum())
-    return torch.stack(out).float() if out else contributions[0].right.new_zeros(0)
+    if out:
+        return torch.stack(out).float()
+    first = contributions[0]  # an empty batch (a rank's share of a distributed batch can be empty)
+    return (first.grad if isinstance(first, PerExample) else first.right).new_zeros(0, dtype=torch.float32)
 
 
 def per_example_norms(contributions: Dict[nn.Parameter, List[Contribution]], norm: str = "l2",

@@ -36,6 +36,9 @@ class GradSampleCollector:
         self.batch_size: Optional[int] = None
         self._handles: list = []
         self._forward_batch: Optional[int] = None
+        #: id(module) -> {name: trainable parameter} as registered now (FSDP swaps in unsharded copies while a
+        #: layer runs; contributions are keyed by the registered parameter, the one the optimizer holds)
+        self._owned: Dict[int, Dict[str, nn.Parameter]] = {}
         self.parameters: List[nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
         self._attach()
 
@@ -57,6 +60,7 @@ class GradSampleCollector:
                     "with dpfa.training.layer_rules.register_rule."
                 )
             covered.update(id(p) for n, p in own.items())
+            self._owned[id(sub)] = own
             self._handles.append(sub.register_forward_hook(self._forward_hook, with_kwargs=True))
         missing = [n for n, p in self.module.named_parameters() if p.requires_grad and id(p) not in covered]
         if missing:
@@ -111,7 +115,8 @@ class GradSampleCollector:
         if self.loss_reduction == "mean":
             g = g * batch
         for pname, contribution in rule(module, x, g).items():
-            p = getattr(module, pname)
+            p = self._owned.get(id(module), {}).get(pname)
+            p = getattr(module, pname) if p is None else p
             self.contributions.setdefault(p, []).append(contribution)
 
     # ---------------------------------------------------------------- state

@@ -8,7 +8,9 @@
 
 Shuffling and cutting the data into consecutive batches is neither, and is not offered.
 A logical batch larger than ``max_physical_batch_size`` is split into physical batches
-(virtual steps); the loader tells the optimizer, through ``info``, which one ends it.
+(virtual steps); the loader tells the optimizer, through ``info``, which one ends it. In a
+distributed run ``sync_chunks`` maps this rank's number of physical batches to the largest
+over ranks, and the loader pads with empty batches so that every rank yields as many.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -104,7 +106,8 @@ class DPDataLoader:
     """Iterates physical batches of logically sampled batches and reports to ``info``."""
 
     def __init__(self, dataset: Dataset, batch_sampler: Sampler[List[int]], collate_fn=None,
-                 max_physical_batch_size: Optional[int] = None, num_workers: int = 0, info: Optional[BatchInfo] = None):
+                 max_physical_batch_size: Optional[int] = None, num_workers: int = 0, info: Optional[BatchInfo] = None,
+                 sync_chunks: Optional[Callable[[int], int]] = None):
         self.dataset = dataset
         self.batch_sampler = batch_sampler
         self.collate_fn = collate_fn or default_collate
@@ -113,6 +116,7 @@ class DPDataLoader:
         self.max_physical_batch_size = max_physical_batch_size
         self.num_workers = num_workers
         self.info = info if info is not None else BatchInfo()
+        self.sync_chunks = sync_chunks
 
     def __len__(self) -> int:
         """Number of logical batches per epoch."""
@@ -120,9 +124,13 @@ class DPDataLoader:
 
     def _chunks(self, indices: List[int]) -> List[List[int]]:
         if not indices:
-            return [[]]
-        m = self.max_physical_batch_size or len(indices)
-        return [indices[i:i + m] for i in range(0, len(indices), m)]
+            chunks: List[List[int]] = [[]]
+        else:
+            m = self.max_physical_batch_size or len(indices)
+            chunks = [indices[i:i + m] for i in range(0, len(indices), m)]
+        if self.sync_chunks is not None and self.max_physical_batch_size is not None:
+            chunks += [[] for _ in range(self.sync_chunks(len(chunks)) - len(chunks))]
+        return chunks
 
     def __iter__(self):
         for indices in self.batch_sampler:

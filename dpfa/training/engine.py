@@ -4,7 +4,8 @@
 the same module with collecting hooks, a :class:`DPOptimizer`, and a loader that samples
 batches the way the accountant assumes. The engine owns every piece of per-run state
 (accountant, step count, random generators), and its ``state_dict`` goes into checkpoints
-so that a resumed run reports the same epsilon and never under-counts.
+so that a resumed run reports the same epsilon and never under-counts. Under torch.distributed
+(torchrun; DDP or FSDP2) the same calls work on every rank: see distributed.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dpfa.accountants.calibration import noise_multiplier_for
 from dpfa.errors import BudgetExceededError, DPFAError, PrivacyParameterError, StateMismatchError
 from dpfa.training.clipping import CLIPPING_MODES, per_layer_thresholds
 from dpfa.training.collector import GradSampleCollector
+from dpfa.training import distributed
 from dpfa.training.data_loader import (BatchInfo, DPDataLoader, PoissonBatchSampler,
                                        WithoutReplacementBatchSampler)
 from dpfa.training.multihead_attention import convert_multihead_attention, remap_optimizer
@@ -61,6 +63,7 @@ class PrivacyEngine:
         self.sampler_generator = torch.Generator()
         self.sampler_generator.manual_seed(self.seed ^ 0x5A5A5A5A)
         self.batch_info = BatchInfo()
+        self._distributed: Optional[distributed.DistributedContext] = None
 
     # ------------------------------------------------------------ randomness
     def _noise_generator(self, device: torch.device) -> torch.Generator:
@@ -87,6 +90,12 @@ class PrivacyEngine:
         the latter calibrates the noise so that ``epochs`` epochs (a real number: 0.5 is
         half an epoch) spend ``target_epsilon``, and training stops with
         BudgetExceededError before a step that would exceed it.
+
+        In a torch.distributed run of W > 1 ranks (distributed.py), call it on every rank with
+        the DDP- or fully_shard-wrapped module (or a plain one) and a loader over the whole
+        dataset whose ``batch_size`` is the global expected batch size: each rank
+        Poisson-samples its shard at rate batch_size / len(dataset), rank 0 adds the noise, the
+        clipped sums are summed across ranks, every rank accounts the same steps.
         """
         if self.noise_multiplier is not None:
             raise DPFAError("This PrivacyEngine already made a model private; create one engine per run.")
@@ -105,11 +114,22 @@ class PrivacyEngine:
             raise DPFAError("make_private needs a dataset with a length (the dataset size sets the sampling rate).")
         if batch_size > n:
             raise PrivacyParameterError(f"batch_size={batch_size} is larger than the dataset ({n} examples).")
+        ctx = distributed.DistributedContext.current()
+        if ctx is not None and not poisson_sampling:
+            raise PrivacyParameterError(
+                "poisson_sampling=False is not supported under torch.distributed; each rank Poisson-samples its shard "
+                "so that the ranks' batches together are a Poisson sample of the whole dataset."
+            )
         self.sampling = "poisson" if poisson_sampling else "without_replacement"
         self.sample_rate = batch_size / n
-        sampler = (PoissonBatchSampler(n, self.sample_rate, self.sampler_generator, secure=self.secure_rng)
-                   if poisson_sampling else
-                   WithoutReplacementBatchSampler(n, batch_size, self.sampler_generator, secure=self.secure_rng))
+        if ctx is not None:
+            self.sampler_generator.manual_seed(distributed.sampler_seed(self.seed, ctx.rank))
+            sampler = distributed.DistributedPoissonBatchSampler(n, self.sample_rate, ctx.rank, ctx.world_size,
+                                                                 self.sampler_generator, secure=self.secure_rng)
+        elif poisson_sampling:
+            sampler = PoissonBatchSampler(n, self.sample_rate, self.sampler_generator, secure=self.secure_rng)
+        else:
+            sampler = WithoutReplacementBatchSampler(n, batch_size, self.sampler_generator, secure=self.secure_rng)
         steps_per_epoch = len(sampler)
 
         if (noise_multiplier is None) == (target_epsilon is None):
@@ -131,9 +151,22 @@ class PrivacyEngine:
                           "exactness.", stacklevel=2)
         self.max_steps = self._max_steps() if self.target_epsilon is not None else None
 
-        module, replaced = convert_multihead_attention(module)
+        reducer = None
+        hooked = module
+        if ctx is not None:
+            ctx.check_same({"dataset size": n, "batch_size": batch_size, "noise_multiplier": self.noise_multiplier,
+                            "max_grad_norm": self.max_grad_norm, "clipping": clipping,
+                            "per_layer_norms": per_layer_norms, "mechanism": self.mechanism.name,
+                            "accountant": self.accountant.name, "max_steps": self.max_steps,
+                            "max_physical_batch_size": max_physical_batch_size, "loss_reduction": loss_reduction,
+                            "secure_rng": self.secure_rng})
+            hooked, wrapped = distributed.prepare_module(module, ctx)
+            reducer = distributed.ClippedSumReducer(ctx, requires_backward=wrapped)
+            self._distributed = ctx
+        converted, replaced = convert_multihead_attention(hooked)
         remap_optimizer(optimizer, replaced)
-        collector = GradSampleCollector(module, loss_reduction=loss_reduction)
+        module = converted if hooked is module else module
+        collector = GradSampleCollector(converted, loss_reduction=loss_reduction)
         thresholds = None
         if clipping == "per_layer":
             cs = per_layer_thresholds(collector.parameters, self.max_grad_norm, per_layer_norms)
@@ -143,9 +176,11 @@ class PrivacyEngine:
             expected_batch_size=batch_size, mechanism=self.mechanism, clipping=clipping,
             per_layer_thresholds=thresholds, noise_generator=self._noise_generator,
             before_step=self._before_step, after_step=self._after_step, batch_info=self.batch_info,
+            reducer=reducer,
         )
         loader = DPDataLoader(dataset, sampler, collate_fn=data_loader.collate_fn,
-                              max_physical_batch_size=max_physical_batch_size, info=self.batch_info)
+                              max_physical_batch_size=max_physical_batch_size, info=self.batch_info,
+                              sync_chunks=None if ctx is None else ctx.max_over_ranks)
         return module, dp_optimizer, loader
 
     # ---------------------------------------------------------- accounting
@@ -193,25 +228,31 @@ class PrivacyEngine:
         return self.accountant.get_epsilon(self.target_delta if delta is None else delta)
 
     # ------------------------------------------------------------ checkpoint
+    def _config(self) -> Dict[str, Any]:
+        return {"noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
+                "sampling": self.sampling, "max_grad_norm": self.max_grad_norm,
+                "mechanism": self.mechanism.name, "target_epsilon": self.target_epsilon,
+                "target_delta": self.target_delta}
+
     def state_dict(self) -> Dict[str, Any]:
+        """The privacy spent and the random state. Collective in a distributed run (every rank's sampler state)."""
         state = {
             "accountant": self.accountant.state_dict(),
             "steps": self.steps,
-            "config": {"noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-                       "sampling": self.sampling, "max_grad_norm": self.max_grad_norm,
-                       "mechanism": self.mechanism.name, "target_epsilon": self.target_epsilon,
-                       "target_delta": self.target_delta},
+            "config": self._config(),
             "seed": self.seed,
             "secure_rng": self.secure_rng,
         }
         if not self.secure_rng:
             state["sampler_rng"] = self.sampler_generator.get_state()
             state["noise_rng"] = {k: g.get_state() for k, g in self._noise_generators.items()}
+        if self._distributed is not None:
+            state = distributed.gather_sampler_states(self._distributed, state)
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore after make_private; the configuration must match the saved one."""
-        mine = self.state_dict()["config"]
+        mine = self._config()
         theirs = state["config"]
         for k in ("noise_multiplier", "sample_rate", "sampling", "max_grad_norm", "mechanism"):
             if mine[k] != theirs[k] and mine[k] is not None:
@@ -219,8 +260,9 @@ class PrivacyEngine:
         self.accountant.load_state_dict(state["accountant"])
         self.steps = int(state["steps"])
         self.seed = int(state["seed"])
-        if not self.secure_rng and "sampler_rng" in state:
-            self.sampler_generator.set_state(state["sampler_rng"])
+        sampler_state = None if self.secure_rng else distributed.local_sampler_state(state, self._distributed)
+        if sampler_state is not None:
+            self.sampler_generator.set_state(sampler_state)
             for k, s in state.get("noise_rng", {}).items():
                 g = torch.Generator(device=k)
                 g.set_state(s)
@@ -229,12 +271,21 @@ class PrivacyEngine:
             self.max_steps = self._max_steps()
 
     def save_checkpoint(self, path, module: nn.Module, optimizer: Optional[DPOptimizer] = None, **extra) -> None:
-        """Save module, optimizer and engine state (the privacy spent) in one file."""
+        """Save module, optimizer and engine state (the privacy spent) in one file.
+
+        Distributed: call on every rank; the full state is gathered and rank 0 alone writes.
+        """
+        if self._distributed is not None:
+            distributed.save_checkpoint(self, self._distributed, path, module, optimizer, **extra)
+            return
         torch.save({"module": module.state_dict(),
                     "optimizer": None if optimizer is None else optimizer.state_dict(),
                     "privacy_engine": self.state_dict(), **extra}, path)
 
     def load_checkpoint(self, path, module: nn.Module, optimizer: Optional[DPOptimizer] = None) -> Dict[str, Any]:
+        """Restore what save_checkpoint saved. Distributed: call on every rank; rank 0 reads and broadcasts."""
+        if self._distributed is not None:
+            return distributed.load_checkpoint(self, self._distributed, path, module, optimizer)
         ckpt = torch.load(path, weights_only=False)
         module.load_state_dict(ckpt["module"])
         if optimizer is not None and ckpt.get("optimizer") is not None:

@@ -10,6 +10,7 @@ class name for classes of packages dpfa does not import (transformers' ``Conv1D`
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional
 
 import torch
@@ -50,8 +51,8 @@ def rule_for(module: nn.Module) -> Optional[Rule]:
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, ..., d) -> (B, T, d) with every middle dimension folded into T."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    """(B, ..., d) -> (B, T, d) with every middle dimension folded into T (explicit: B may be 0)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
 
 
 def _trainable(module: nn.Module, name: str) -> bool:
@@ -93,8 +94,8 @@ def embedding_rule(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -> 
         )
     if not _trainable(module, "weight"):
         return {}
-    rows = idx.reshape(idx.shape[0], -1)
-    g3 = g.reshape(g.shape[0], -1, g.shape[-1])
+    rows = idx.reshape(idx.shape[0], math.prod(idx.shape[1:]))
+    g3 = _tokens(g)
     if module.padding_idx is not None:
         g3 = g3 * (rows != module.padding_idx).to(g3.dtype)[..., None]
     return {"weight": Factored(left=rows, right=g3, num_rows=module.num_embeddings)}

@@ -6,6 +6,10 @@ noise of scale ``noise_multiplier * max_grad_norm`` from the mechanism, once per
 parameter, divides by the expected batch size and lets the wrapped optimizer step:
 
     grad = (sum_i c_i grad_i + z) / E[B],   z ~ mechanism(scale = sigma C).
+
+Under torch.distributed a ``reducer`` (distributed.py) sums the ranks' clipped sums before
+the division; only the rank whose ``reducer.adds_noise`` is true adds z, so it is added
+once in total.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class DPOptimizer:
                  per_layer_thresholds: Optional[Dict[nn.Parameter, float]] = None,
                  noise_generator: Callable[[torch.device], Optional[torch.Generator]] = lambda d: None,
                  before_step: Callable[[], None] = lambda: None, after_step: Callable[[], None] = lambda: None,
-                 batch_info: Optional[object] = None):
+                 batch_info: Optional[object] = None, reducer: Optional[Callable] = None):
         self.original_optimizer = optimizer
         self.collector = collector
         self.noise_multiplier = noise_multiplier
@@ -44,6 +48,7 @@ class DPOptimizer:
         self.before_step = before_step
         self.after_step = after_step
         self.batch_info = batch_info
+        self.reducer = reducer
         self.norm = "l1" if mechanism.sensitivity_norm == "l1" else "l2"
         self.summed: Dict[nn.Parameter, torch.Tensor] = {}
         self.physical_batches = 0
@@ -88,6 +93,12 @@ class DPOptimizer:
                     "optimizer.step() was called with no per-example gradients: call loss.backward() first. (Only "
                     "an empty Poisson batch may step without a backward pass.)"
                 )
+            if self.reducer is not None and self.reducer.requires_backward:
+                raise DPFAError(
+                    "optimizer.step() on an empty batch without a backward pass: under DistributedDataParallel or "
+                    "FSDP every rank must run forward and backward on every batch, even an empty one (the wrapper's "
+                    "collectives need every rank)."
+                )
             return
         sums = clipped_grads(self.collector.contributions, self.max_grad_norm, self.clipping, self.norm,
                              self.per_layer_thresholds)
@@ -97,14 +108,20 @@ class DPOptimizer:
 
     def _add_noise(self) -> None:
         scale = self.noise_multiplier * self.max_grad_norm
+        adds_noise = scale > 0 and (self.reducer is None or self.reducer.adds_noise)
+        totals = {}
         for p in self.params:
             total = self.summed.get(p)
-            if total is None:
-                total = torch.zeros_like(p)
-            if scale > 0:
+            if total is None:  # p.shape: the full shape, also for a sharded parameter
+                total = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            if adds_noise:
                 noise = self.mechanism.sample(tuple(p.shape), scale, generator=self.noise_generator(p.device),
                                               device=p.device, dtype=torch.float32)
                 total = total + noise.to(total.dtype)
+            totals[p] = total
+        if self.reducer is not None:
+            totals = self.reducer(totals)  # the sum over ranks, in each parameter's own layout
+        for p, total in totals.items():
             p.grad = (total / self.expected_batch_size).to(p.dtype)
         self.summed = {}
 
