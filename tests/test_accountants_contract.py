@@ -41,7 +41,16 @@ class RdpOnlyMechanism(mechanisms.DPMechanism):
         return alpha * sensitivity**2 / (2.0 * scale**2)
 
 
-mechanisms.register(RdpOnlyMechanism, overwrite=True)
+@pytest.fixture(scope="module", autouse=True)
+def _rdp_only_registered():
+    """Register the user mechanism for this module only (privacy_check audits every registered one)."""
+    from dpfa.mechanisms import registry
+
+    saved = dict(registry._REGISTRY._classes)
+    mechanisms.register(RdpOnlyMechanism, overwrite=True)
+    yield
+    registry._REGISTRY._classes.clear()
+    registry._REGISTRY._classes.update(saved)
 
 
 @pytest.fixture(params=NAMES)

@@ -261,7 +261,6 @@ class SwappedDirectionsGaussian(GaussianMechanism):
         return super().prv(noise_multiplier, sampling_prob, neighboring=neighboring, direction=other)
 
 
-mechanisms.register(SwappedDirectionsGaussian, overwrite=True)
 
 
 @pytest.mark.parametrize("z, q, steps, delta", CONFIGS[:2])
@@ -303,7 +302,18 @@ class PrvWithoutRelation(GaussianMechanism):
         return prv_accountant.GaussianMechanism(noise_multiplier=noise_multiplier)
 
 
-mechanisms.register(PrvWithoutRelation, overwrite=True)
+@pytest.fixture(scope="module", autouse=True)
+def _user_mechanisms_registered():
+    """Register this module's user mechanisms for its tests only (privacy_check audits every
+    registered mechanism, so they must not leak into other modules)."""
+    from dpfa.mechanisms import registry
+
+    saved = dict(registry._REGISTRY._classes)
+    mechanisms.register(SwappedDirectionsGaussian, overwrite=True)
+    mechanisms.register(PrvWithoutRelation, overwrite=True)
+    yield
+    registry._REGISTRY._classes.clear()
+    registry._REGISTRY._classes.update(saved)
 
 
 def test_a_prv_without_a_relation_is_refused_under_replace_one():
