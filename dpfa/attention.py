@@ -37,8 +37,9 @@ uniform split, so the call's guarantee is unchanged.
 The discrete Gaussian releases on a grid: row i's grid step is g_i = Delta_i / (k sqrt(D))
 (k = ``GRID_STEPS``), the kernel rounds O / g_i to the nearest integer and adds integer
 noise. Rounding moves each coordinate by at most 1/2, so a row's integer sensitivity is
-at most k sqrt(D) + sqrt(D) = (k + 1) sqrt(D), the same for every row, and the noise
-scale in grid units is ``calibrate((k + 1) sqrt(D R H), epsilon, delta)``.
+at most k sqrt(D) + sqrt(D) = (k + 1) sqrt(D) (plus the float32 error of O / g, see
+:func:`grid_sensitivity`), the same for every row, and the noise scale in grid units is
+``calibrate((k + 1) sqrt(D R H), epsilon, delta)``.
 """
 
 from __future__ import annotations
@@ -189,9 +190,17 @@ class _Plan:
     delta: float
 
 
+def grid_sensitivity(head_dim: int, w_min: float) -> float:
+    """Integer sensitivity of one row on its grid: k sqrt(D) for the change itself, sqrt(D) for
+    the rounding (each coordinate moves by at most 1/2 in each neighbour), and the float32
+    error of O / g before the rounding: at most 2^-23 |O| / g per coordinate, |O| <= C and
+    C / g = k sqrt(D) / (2 w_max), so 2^-19 sqrt(D) / w_min over both neighbours (k = 16)."""
+    return (GRID_STEPS + 1 + 2.0**-19 / w_min) * math.sqrt(head_dim)
+
+
 def _plan(mech: DPMechanism, norm: str, R: int, H: int, D: int, epsilon: float, delta: float,
-          head_epsilons: Optional[Sequence[float]], shares: Optional[list[float]]) -> _Plan:
-    unit = (GRID_STEPS + 1) * math.sqrt(D) if norm == "l2_grid" else 1.0
+          head_epsilons: Optional[Sequence[float]], shares: Optional[list[float]], w_min: float = 1.0) -> _Plan:
+    unit = grid_sensitivity(D, w_min) if norm == "l2_grid" else 1.0
     l1 = norm == "l1"
     if head_epsilons is not None:
         scales, used_delta = [], 0.0
@@ -329,7 +338,9 @@ def dp_flash_attn_func(
     n = visible_keys(B, Nq, Nk, causal, key_padding_mask, q.device)
     R = int((n > 0).sum(dim=1).max().item()) if B > 0 else 0
     delta_rows = row_sensitivity(n, score_cap, value_clip, record_size, q.dtype)  # (B, Nq) float64
-    plan = _plan(mech, norm, max(R, 1), H, D, epsilon, delta, head_epsilons, shares)
+    n_max = int(n.max().item()) if n.numel() else 0
+    w_min = 1.0 / (1.0 + max(n_max - record_size, 0) / record_size * math.exp(-2.0 * score_cap))
+    plan = _plan(mech, norm, max(R, 1), H, D, epsilon, delta, head_epsilons, shares, w_min)
     scales = torch.tensor(plan.scales, dtype=torch.float64, device=q.device)  # (H,)
     events = _events(mech, plan, max(R, 1))
 

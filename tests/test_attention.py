@@ -268,7 +268,8 @@ def test_discrete_gaussian_releases_integers_on_the_grid():
     z = (units - torch.floor(clean.double().cpu() / step + 0.5)).round()
     # the scale in grid units: (k + 1) sqrt(D R H) of integer sensitivity at (epsilon, delta)
     mech = mechanisms.get("discrete_gaussian")()
-    s = mech.calibrate((GRID_STEPS + 1) * math.sqrt(D * Nq * H), eps, delta)
+    w_max = _delta_row(Nk, b, C) / (2 * C)
+    s = mech.calibrate((GRID_STEPS + 1 + 2.0**-19 / w_max) * math.sqrt(D * Nq * H), eps, delta)
     assert abs(z.var().item() / mech.variance(s) - 1) < 0.1
     acc = accountants.get("rdp")()
     for e in st.events:
