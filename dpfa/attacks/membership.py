@@ -101,16 +101,17 @@ class MembershipAttackResult:
                 f"(delta {self.delta:g}, best point FPR {self.best_point[0]:.4g}, TPR {self.best_point[1]:.4g})")
 
 
-def _losses(x, name: str) -> np.ndarray:
+def _losses(x, name: str, what: str = "losses") -> np.ndarray:
+    """``x`` as a non-empty 1-D float64 array of finite per-example ``what``, or a ShapeError."""
     if isinstance(x, torch.Tensor):
         x = x.detach().to(torch.float64).cpu().numpy()
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
-        raise ShapeError(f"Expected {name} to be a non-empty 1-D array of per-example losses, got shape {arr.shape}.")
+        raise ShapeError(f"Expected {name} to be a non-empty 1-D array of per-example {what}, got shape {arr.shape}.")
     bad = ~np.isfinite(arr)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ShapeError(f"{name} has {int(bad.sum())} non-finite losses (first: {name}[{i}]={float(arr[i])!r}).")
+        raise ShapeError(f"{name} has {int(bad.sum())} non-finite {what} (first: {name}[{i}]={float(arr[i])!r}).")
     return arr
 
 

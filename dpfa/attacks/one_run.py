@@ -61,14 +61,7 @@ BISECTION_STEPS = 30
 
 
 def _int(value, name: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise PrivacyParameterError(f"Expected {name} to be an integer >= {minimum}, got {value!r}.")
-    if value < minimum:
-        raise PrivacyParameterError(f"Expected {name}={value!r} to be an integer >= {minimum}.")
-    return int(value)
+    return _validate.count(value, name, minimum)
 
 
 def _mrv(m, r, v) -> Tuple[int, int, int]:

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from dpfa import _validate
 from dpfa.attacks.bounds import _confidence
-from dpfa.attacks.membership import DEFAULT_FPRS, MembershipAttackResult, loss_threshold_attack
+from dpfa.attacks.membership import DEFAULT_FPRS, MembershipAttackResult, _losses, loss_threshold_attack
 from dpfa.errors import PrivacyParameterError, ShapeError
 
 __all__ = ["ScoreAttackResult", "membership_result_from_scores", "train_shadow_models", "model_seeds",
@@ -83,16 +83,7 @@ class ScoreAttackResult(MembershipAttackResult):
 
 
 def _finite_scores(x, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().to(torch.float64).cpu().numpy()
-    arr = np.asarray(x, dtype=np.float64)
-    if arr.ndim != 1 or arr.size == 0:
-        raise ShapeError(f"Expected {name} to be a non-empty 1-D array of attack scores, got shape {arr.shape}.")
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ShapeError(f"{name} has {int(bad.sum())} non-finite scores (first: {name}[{i}]={float(arr[i])!r}).")
-    return arr
+    return _losses(x, name, "attack scores")
 
 
 def membership_result_from_scores(member_scores, nonmember_scores, *, attack: str = "score", delta: float = 0.0,
