@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dpfa.errors import DPFAError, PrivacyParameterError
-from dpfa.training.contributions import Contribution, Factored, PerExample, squared_norms
+from dpfa.training.contributions import Contribution, PerExample, squared_norms
 
 CLIPPING_MODES = ("flat", "per_layer")
 EPS = 1e-6

@@ -21,7 +21,7 @@ import secrets
 from typing import Callable, Iterator, List, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from dpfa import _validate
