@@ -5,6 +5,8 @@
     dpfa accountants  every accountant on one configuration, side by side
     dpfa check        empirical privacy audits of every mechanism and of the DP-SGD noise
                       (exit status 1 when a lower bound exceeds its claim)
+    dpfa audit        membership-inference audit of DP-SGD at several epsilons (LiRA, loss
+                      attack, one-run audit); writes JSON and a markdown table
 
 Bad input never gives a traceback: the message names the value and what is allowed,
 and the exit status is 2.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 import warnings
@@ -149,6 +152,36 @@ def cmd_check(args) -> int:
     return 0 if report.passed else EXIT_CHECK_FAILED
 
 
+DEFAULT_AUDIT_CONFIG = "experiments/configs/audit.toml"
+
+
+def cmd_audit(args) -> int:
+    from pathlib import Path
+
+    from dpfa.attacks import runner
+
+    path = args.config
+    if path is None and Path(DEFAULT_AUDIT_CONFIG).is_file():
+        path = DEFAULT_AUDIT_CONFIG
+    config = runner.load_config(path, quick=args.quick, epsilons=args.epsilons,
+                                num_shadow_models=args.num_shadow_models, jobs=args.jobs)
+    name = (Path(path).stem if path is not None else "audit") + ("_quick" if args.quick else "")
+    command = " ".join(["dpfa", *map(shlex.quote, args.argv)])
+    run = runner.run_audit(config, args.out_dir, name, progress=True, command=command,
+                           log=lambda msg: print(f"dpfa: {msg}", file=sys.stderr))
+    failures = [r["epsilon"] for r in run.results["table"] if not r["one_run_passed"]]
+    if args.json:
+        print(json.dumps({"json": str(run.json_path), "markdown": str(run.markdown_path), "computed": run.computed,
+                          "cached": run.cached, "passed": not failures, "table": run.results["table"]}))
+    else:
+        print(run.markdown_path.read_text(), end="")
+        print(f"\nwrote {run.json_path} and {run.markdown_path} (computed: {', '.join(run.computed) or 'none'}; "
+              f"cached: {', '.join(run.cached) or 'none'})")
+        if failures:
+            print(f"FAILED: the one-run lower bound exceeds the claimed epsilon at epsilon {', '.join(failures)}")
+    return EXIT_CHECK_FAILED if failures else 0
+
+
 def _add_common(p: argparse.ArgumentParser, accountant: bool = True) -> None:
     p.add_argument("--mechanism", default="gaussian",
                    help="noise mechanism, a registered name: gaussian (L2), laplace (L1), discrete_gaussian "
@@ -221,12 +254,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accountant", default="prv", help="the DP-SGD engine's accountant: rdp, prv or pld (default: prv)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the report) instead of the table")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "audit", help="membership-inference audit of DP-SGD at several epsilons (LiRA, loss attack, one-run)",
+        description="Train MLPs on scikit-learn's digits with dpfa's DP-SGD (Poisson sampling) at each claimed "
+                    "epsilon (inf: no noise, no clipping) and attack them: LiRA online and offline (leave-one-out "
+                    "over the shadow models), the loss-threshold attack, and a one-run audit with mislabeled "
+                    "canaries. Writes OUT_DIR/NAME.json (every number) and OUT_DIR/NAME.md (the table); an epsilon "
+                    "already in the JSON with the same configuration is not recomputed. Exit status 0, 1 when a "
+                    "one-run lower bound exceeds its claimed epsilon, 2 on bad input.")
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help=f"TOML config; NAME is its file name without .toml (default: {DEFAULT_AUDIT_CONFIG} if it "
+                        "exists here, else the built-in defaults, which are the same; NAME audit)")
+    p.add_argument("--quick", action="store_true",
+                   help="the config's [quick] table (tiny models, seconds on a CPU); writes NAME_quick.json/.md")
+    p.add_argument("--num-shadow-models", type=int, default=None, metavar="N",
+                   help="LiRA models per epsilon, >= 4; each is the target once, the others its shadows "
+                        "(default: the config's lira.num_shadow_models)")
+    p.add_argument("--epsilons", default=None, metavar="LIST",
+                   help="claimed epsilons separated by commas, e.g. inf,8,3,1 (inf: the non-private model) "
+                        "(default: the config's epsilons)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="training processes; 0 = one per CPU core; does not change any number (default: the "
+                        "config's jobs)")
+    p.add_argument("--out-dir", default="experiments/results", metavar="DIR",
+                   help="where NAME.json and NAME.md go (default: experiments/results)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (paths, computed and cached cells, the table) instead of the table")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

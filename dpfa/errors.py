@@ -44,3 +44,7 @@ class ShapeError(DPFAError, ValueError):
 
 class DistributedError(DPFAError, RuntimeError):
     """A torch.distributed collective of the engine failed: a rank exited, crashed or timed out."""
+
+
+class ConfigError(DPFAError, ValueError):
+    """An experiment configuration (a TOML file or a command-line override) has a bad key or value."""

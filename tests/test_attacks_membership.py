@@ -148,3 +148,22 @@ def test_per_example_losses_are_the_unreduced_losses():
     assert not model.training
     with pytest.raises(ShapeError, match="10 examples but targets has 9"):
         per_example_losses(model, x, y[:9])
+
+
+def test_confident_examples_keep_distinct_losses():
+    """The usual cross-entropy rounds confident examples to exactly 0 (ties where the attack
+    looks); per_example_losses keeps them positive and ordered, and equals it elsewhere."""
+    from dpfa.attacks.membership import per_example_losses, stable_cross_entropy
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.mul_(30.0)
+    x = torch.randn(200, 2)
+    y = model(x).argmax(1)
+    naive = torch.nn.functional.cross_entropy(model(x), y, reduction="none").detach()
+    assert (naive == 0).sum() > 20  # the trap is real at these margins
+    losses = per_example_losses(model, x, y)
+    assert (losses > 0).all() and len(np.unique(losses)) == len(losses)
+    z, t = torch.randn(64, 7, dtype=torch.float64), torch.randint(0, 7, (64,))
+    torch.testing.assert_close(stable_cross_entropy(z, t), torch.nn.functional.cross_entropy(z, t, reduction="none"))

@@ -113,7 +113,9 @@ def test_help_explains_every_option(capsys):
     for cmd, options in [("epsilon", ["--noise-multiplier", "--sample-rate", "--steps", "--delta", "--accountant",
                                       "--sampling", "--dataset-size", "--json"]),
                          ("noise", ["--target-epsilon", "--accountant", "--json"]),
-                         ("accountants", ["--noise-multiplier"])]:
+                         ("accountants", ["--noise-multiplier"]),
+                         ("audit", ["--config", "--quick", "--num-shadow-models", "--epsilons", "--jobs", "--out-dir",
+                                    "--json"])]:
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
@@ -129,3 +131,57 @@ def test_command_runs_as_a_process_without_traceback():
     bad = subprocess.run([sys.executable, "-m", "dpfa", "epsilon", "--noise-multiplier", "1", "--delta", "2",
                           "--sample-rate", "0.01", "--steps", "10"], capture_output=True, text=True)
     assert bad.returncode == 2 and "delta" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------ dpfa audit
+AUDIT = ["audit", "--quick", "--jobs", "1", "--epsilons", "inf,2"]
+
+
+def test_audit_quick_writes_and_then_resumes(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no experiments/configs/audit.toml here: the built-in defaults (the same)
+    code, out, err = run(capsys, *AUDIT, "--out-dir", "res", "--json")
+    assert code == 0 and "Traceback" not in err
+    res = json.loads(out)
+    assert res["computed"] == ["inf", "2"] and res["cached"] == [] and res["passed"] is True
+    assert res["json"] == "res/audit_quick.json" and res["markdown"] == "res/audit_quick.md"
+    saved = json.loads((tmp_path / "res/audit_quick.json").read_text())
+    assert saved["command"] == "dpfa " + " ".join(AUDIT) + " --out-dir res --json"
+    assert [r["epsilon"] for r in res["table"]] == ["inf", "2"] and res["table"] == saved["table"]
+    assert (tmp_path / "res/audit_quick.md").read_text().startswith("| epsilon claimed | one-run lower bound |")
+
+    from dpfa.attacks import runner
+
+    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: pytest.fail("a cached cell was recomputed"))
+    code, out, err = run(capsys, *AUDIT, "--out-dir", "res")
+    assert code == 0
+    assert out.startswith("| epsilon claimed |") and "computed: none; cached: inf, 2" in out
+    assert "epsilon inf: cached" in err
+
+
+def test_audit_exit_status_is_1_when_a_one_run_bound_exceeds_its_claim(capsys, tmp_path, monkeypatch):
+    import dataclasses
+
+    from dpfa.attacks import one_run
+
+    real = one_run.one_run_audit
+    monkeypatch.setattr(one_run, "one_run_audit",
+                        lambda *a, **k: dataclasses.replace(real(*a, **k), epsilon_lower_bound=9.0))
+    code, out, _ = run(capsys, "audit", "--quick", "--jobs", "1", "--epsilons", "2", "--out-dir", str(tmp_path))
+    assert code == 1 and "FAILED: the one-run lower bound exceeds the claimed epsilon at epsilon 2" in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--epsilons", "8,-1"], "every epsilon in --epsilons to be a number > 0 or inf, got '-1'"),
+    (["--epsilons", "8,eight"], "'eight'"),
+    (["--num-shadow-models", "2"], "--num-shadow-models=2"),
+    (["--jobs", "-1"], "--jobs=-1"),
+    (["--config", "missing.toml"], "missing.toml does not exist"),
+    (["--config", "bad.toml"], "train.optimizer='rmsprop'"),
+])
+def test_audit_bad_input_is_a_clear_error(capsys, tmp_path, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.toml").write_text("[train]\noptimizer = \"rmsprop\"\n")
+    code, out, err = run(capsys, "audit", "--quick", "--jobs", "1", *argv, "--out-dir", "res")
+    assert code == 2 and out == ""
+    assert err.startswith("dpfa: error:") and needle in err and "Traceback" not in err
+    assert not (tmp_path / "res").exists()

@@ -16,6 +16,8 @@
   release on its worst-case pair of stores.
 - :mod:`~dpfa.attacks.privacy_check`: :func:`privacy_check`, all the quick audits in one
   report (``dpfa check`` on the command line).
+- :mod:`~dpfa.attacks.runner`: the membership-inference audit of DP-SGD at several epsilons
+  (``dpfa audit``, ``experiments/configs/audit.toml``); not imported here (it trains models).
 """
 
 from dpfa.attacks.bounds import (EpsilonBound, clopper_pearson, clopper_pearson_lower, clopper_pearson_upper,
