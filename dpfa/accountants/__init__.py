@@ -8,6 +8,7 @@ from dpfa.accountants.prv import PRVAccountant
 from dpfa.accountants.pld import PLDAccountant
 from dpfa.accountants.amplification import SubsamplingAmplification
 from dpfa.accountants.calibration import epsilon_for, noise_multiplier_for
+from dpfa.accountants.numerical import AccountingFallbackWarning
 
 for _cls in (RDPAccountant, PRVAccountant, PLDAccountant):
     register(_cls)
@@ -16,4 +17,5 @@ del _cls
 __all__ = [
     "Accountant", "SampledMechanismEvent", "RDPAccountant", "PRVAccountant", "PLDAccountant",
     "SubsamplingAmplification", "create", "get", "names", "register", "epsilon_for", "noise_multiplier_for",
+    "AccountingFallbackWarning",
 ]

@@ -117,7 +117,7 @@ class Accountant(abc.ABC):
             return 0.0
         if self._no_noise():
             return math.inf
-        return float(self._epsilon(delta))
+        return self._not_nan(float(self._epsilon(delta)), "epsilon", f"delta={delta!r}")
 
     def get_delta(self, epsilon: float) -> float:
         """Smallest delta such that the history is (epsilon, delta)-DP (1 without noise)."""
@@ -126,7 +126,15 @@ class Accountant(abc.ABC):
             return 0.0
         if self._no_noise():
             return 1.0
-        return float(min(1.0, max(0.0, self._delta(epsilon))))
+        # (a NaN would pass min/max as 0.0: a claim of no privacy loss at all)
+        return float(min(1.0, max(0.0, self._not_nan(float(self._delta(epsilon)), "delta",
+                                                     f"epsilon={epsilon!r}"))))
+
+    def _not_nan(self, value: float, what: str, at: str) -> float:
+        if math.isnan(value):
+            raise PrivacyParameterError(f"The {self.name!r} accountant computed {what}=nan at {at}; "
+                                        "no bound can be reported.")
+        return value
 
     # -------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -12,16 +12,23 @@ from dpfa.errors import PrivacyParameterError
 
 
 def epsilon_for(noise_multiplier: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv",
-                mechanism="gaussian", sampling: str = "poisson", dataset_size: Optional[int] = None) -> float:
-    """epsilon at ``delta`` of ``steps`` releases with this noise multiplier and sampling."""
+                mechanism="gaussian", sampling: str = "poisson", dataset_size: Optional[int] = None,
+                neighboring: Optional[str] = None) -> float:
+    """epsilon at ``delta`` of ``steps`` releases with this noise multiplier and sampling.
+
+    ``neighboring``: "add_remove" or "replace_one"; None picks the one that matches ``sampling``
+    (as :meth:`Accountant.compose` does).
+    """
     acc = get_accountant(accountant)()
-    acc.compose(mechanism, noise_multiplier, sample_rate, steps, sampling=sampling, dataset_size=dataset_size)
+    acc.compose(mechanism, noise_multiplier, sample_rate, steps, sampling=sampling, neighboring=neighboring,
+                dataset_size=dataset_size)
     return acc.get_epsilon(delta)
 
 
 def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                          accountant: str = "prv", mechanism="gaussian", sampling: str = "poisson",
-                         dataset_size: Optional[int] = None, rel_tol: float = 1e-3) -> float:
+                         dataset_size: Optional[int] = None, rel_tol: float = 1e-3,
+                         neighboring: Optional[str] = None) -> float:
     """Smallest noise multiplier z (to ``rel_tol``) with epsilon(z) <= target_epsilon, by bisection.
 
     epsilon is decreasing in z, so the bisection keeps an upper end that always meets the
@@ -32,9 +39,11 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
     sample_rate = _validate.sample_rate(sample_rate)
     steps = _validate.count(steps, "steps")
     sampling = normalize_sampling(sampling)
+    if not (0.0 < _validate.positive(rel_tol, "rel_tol") < 1.0):
+        raise PrivacyParameterError(f"Expected rel_tol={rel_tol!r} in (0, 1).")
 
     def eps(z: float) -> float:
-        return epsilon_for(z, delta, sample_rate, steps, accountant, mechanism, sampling, dataset_size)
+        return epsilon_for(z, delta, sample_rate, steps, accountant, mechanism, sampling, dataset_size, neighboring)
 
     lo, hi = 0.0, 1.0
     while eps(hi) > target_epsilon:

@@ -18,6 +18,14 @@ larger epsilon/delta is reported: prv-accountant ships only the former, which is
 larger one for the Gaussian in every case we know, but nothing in the composition
 theorem guarantees that for every mechanism and every number of steps.
 
+Failures fall back to the RDP bound with a warning (:mod:`dpfa.accountants.numerical`):
+an error of prv-accountant (0.2.0 raises "Floating point errors will dominate" below the
+delta its grid resolves, e.g. sigma 1, q 0.02, 500 steps, delta <= 1e-14), epsilon = inf,
+a domain of more than :data:`MAX_DOMAIN_POINTS` points (very small noise), a value above
+the RDP bound, or a non-monotone jump: epsilon at 2 delta above epsilon at delta by more
+than the error (microsoft/prv_accountant issue 17: 0.056 at delta 1.10e-18, 3.8 at
+1.13e-18).
+
 Supported events: Poisson sampling under add/remove at any rate; any scheme at rate 1
 under either relation (replace-one doubles the sensitivity). Sampling without
 replacement and Poisson sampling under replace-one are refused: use 'rdp' (WBK19) for
@@ -33,6 +41,7 @@ import math
 from typing import Optional
 
 import numpy as np
+import prv_accountant
 from prv_accountant import composers, discretisers
 from prv_accountant.accountant import compute_safe_domain_size
 from prv_accountant.domain import Domain
@@ -44,11 +53,11 @@ from prv_accountant.privacy_random_variables import (
 )
 from scipy import integrate, special
 
-from dpfa.accountants.base import Accountant
 from dpfa.accountants.conversion import delta_from_rdp
 from dpfa.accountants.events import SampledMechanismEvent
+from dpfa.accountants.numerical import NumericalAccountant, NumericalFailure
 from dpfa.accountants.rdp_subsampling import poisson_gaussian_rdp, poisson_subsampled_rdp
-from dpfa.errors import MissingPrivacyCurveError, PrivacyParameterError, UnsupportedEventError
+from dpfa.errors import DPFAError, MissingPrivacyCurveError, PrivacyParameterError, UnsupportedEventError
 
 #: eps_error as a fraction of epsilon, its floor, and delta_error as a fraction of delta
 EPS_ERROR_REL = 2.5e-3
@@ -59,6 +68,9 @@ DELTA_ERROR_REL = 1e-3
 DELTA_ERROR_MIN = 1e-15
 #: below this delta_error the FFTs run in long double, as prv-accountant does
 FLOAT64_MIN_DELTA_ERROR = 1e-11
+#: most points of the discretised domain (~1 s a million); the accountants' usual
+#: configurations need < 1e6, very small noise multipliers 1e7 and more
+MAX_DOMAIN_POINTS = 5_000_000
 
 DIRECTIONS = ("remove", "add")
 
@@ -244,7 +256,7 @@ class _TruncatedPRV(PrivacyRandomVariableTruncated):
 
     def mean(self) -> float:
         points = [-1e-1, -1e-2, -1e-3, -1e-4, -1e-5, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
-        points += list(getattr(self.prv, "atoms", ()))
+        points += list(_atoms(self.prv))
         points = sorted({self.t_min, self.t_max, *(p for p in points if self.t_min < p < self.t_max)})
         m = 0.0
         for left, right in zip(points[:-1], points[1:]):
@@ -252,6 +264,16 @@ class _TruncatedPRV(PrivacyRandomVariableTruncated):
             inner, _ = integrate.quad(self.cdf, left, right, limit=500)
             m += right * float(self.cdf(right)) - left * float(self.cdf(left)) - inner
         return m
+
+
+def _atoms(prv) -> tuple[float, ...]:
+    """Where the cdf of ``prv`` jumps: its ``atoms``, and for prv-accountant's full-batch
+    LaplaceMechanism (loss in [-mu, mu], mass e^{-mu}/2 at -mu and 1/2 at mu) the two ends.
+    Without them the quadrature of the mean crosses the jumps and prv-accountant's discretiser
+    refuses the PRV ("Discrete mean differs from continuous mean"), e.g. z 7.5, 224 steps."""
+    if isinstance(prv, prv_accountant.LaplaceMechanism):
+        return (-float(prv.mu), float(prv.mu))
+    return tuple(getattr(prv, "atoms", ()))
 
 
 def compose_prvs(prvs, counts, eps_error: float, delta_error: float):
@@ -264,6 +286,9 @@ def compose_prvs(prvs, counts, eps_error: float, delta_error: float):
     total = sum(counts)
     half_width = compute_safe_domain_size(prvs, counts, eps_error=eps_error, delta_error=delta_error)
     mesh = eps_error / math.sqrt(total / 2 * math.log(12 / delta_error))
+    points = 2 * half_width / mesh
+    if not points <= MAX_DOMAIN_POINTS:
+        raise NumericalFailure(f"its domain would have {points:.3g} points, more than {MAX_DOMAIN_POINTS:.0e}")
     domain = Domain.create_aligned(-half_width, half_width, mesh)
     dprvs = [discretisers.CellCentred().discretise(_TruncatedPRV(p, domain.t_min(), domain.t_max()), domain)
              for p in prvs]
@@ -276,7 +301,7 @@ def compose_prvs(prvs, counts, eps_error: float, delta_error: float):
 
 
 # ========================================================================= accountant
-class PRVAccountant(Accountant):
+class PRVAccountant(NumericalAccountant):
     """PRV accountant (Gopi, Lee & Wutschitz 2021) through the prv-accountant package.
 
     ``eps_error_rel`` / ``delta_error_rel``: the error parameters as fractions of epsilon
@@ -352,24 +377,39 @@ class PRVAccountant(Accountant):
 
     # -------------------------------------------------------------- accounting
     def _compose(self, prvs, counts, eps_error: float, delta_error: float):
+        if not (math.isfinite(eps_error) and eps_error > 0):
+            raise NumericalFailure(f"no usable error parameter (eps_error={eps_error!r})")
         try:
             return compose_prvs(prvs, counts, eps_error, delta_error)
-        except (ValueError, RuntimeError, OverflowError, NotImplementedError) as exc:
-            raise PrivacyParameterError(
-                f"The 'prv' accountant failed numerically ({exc}); use accountant='pld' or 'rdp'."
-            ) from exc
+        except (ValueError, RuntimeError, ArithmeticError, NotImplementedError, MemoryError) as exc:
+            if isinstance(exc, (NumericalFailure, DPFAError)):
+                raise
+            raise NumericalFailure(f"prv-accountant failed: {type(exc).__name__}: {exc}") from exc
 
     @staticmethod
     def _solve_epsilon(composed, delta: float, eps_error: float, delta_error: float) -> tuple[float, float]:
+        """(estimate, upper end) of epsilon at ``delta``, after two sanity checks: both finite,
+        and epsilon at min(2 delta, (1 + delta) / 2) not above the estimate by more than the error
+        (epsilon cannot grow with delta: a jump means the grid no longer resolves delta)."""
         try:
             _, est, up = composed.compute_epsilon(delta, delta_error, eps_error)
-        except (ValueError, RuntimeError) as exc:
-            raise PrivacyParameterError(
-                f"The 'prv' accountant cannot resolve delta={delta!r} ({exc}); use accountant='pld' or 'rdp'."
-            ) from exc
-        return float(est), float(up)
+        except (ValueError, RuntimeError, ArithmeticError) as exc:
+            raise NumericalFailure(f"prv-accountant cannot resolve delta={delta!r}: {exc}") from exc
+        est, up = float(est), float(up)
+        if not (math.isfinite(est) and math.isfinite(up)):
+            raise NumericalFailure(f"prv-accountant returned epsilon={up!r} at delta={delta!r}")
+        probe = min(2.0 * delta, 0.5 * (1.0 + delta))
+        try:
+            probe_est = float(composed.compute_epsilon(probe, delta_error, eps_error)[1])
+        except (ValueError, RuntimeError, ArithmeticError):
+            probe_est = -math.inf  # no check possible at the larger delta
+        if probe_est > est + eps_error:
+            raise NumericalFailure(
+                f"non-monotone: epsilon {probe_est:.6g} at delta={probe:.3g} is above {est:.6g} at delta={delta!r}"
+            )
+        return est, up
 
-    def _epsilon(self, delta: float) -> float:
+    def _numerical_epsilon(self, delta: float) -> float:
         lists, counts = self._direction_prvs()
         delta_error = max(self.delta_error_rel * delta, DELTA_ERROR_MIN)
         # coarse pass per direction: an estimate to size the fine pass, and a rigorous upper end
@@ -391,7 +431,7 @@ class PRVAccountant(Accountant):
             best = max(best, up)
         return best
 
-    def _delta(self, epsilon: float) -> float:
+    def _numerical_delta(self, epsilon: float) -> float:
         lists, counts = self._direction_prvs()
         eps_error = max(self.eps_error_rel * epsilon, EPS_ERROR_MIN)
         coarse = []

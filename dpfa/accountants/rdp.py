@@ -100,7 +100,10 @@ class RDPAccountant(Accountant):
         sens = RELATION_SENSITIVITY[event.neighboring]
 
         def base(alpha: float) -> float:
-            return float(mechanism.rdp(alpha, z, sens))
+            try:
+                return float(mechanism.rdp(alpha, z, sens))
+            except (ZeroDivisionError, OverflowError):  # z so small that z^2 underflows: no privacy left
+                return math.inf
 
         if q == 1.0:
             return np.array([base(a) for a in self.orders])

@@ -64,7 +64,7 @@ def _log_a_int(q: float, sigma: float, alpha: int) -> float:
 
 
 def _log_a_frac(q: float, sigma: float, alpha: float) -> float:
-    """log A_alpha for fractional alpha (MTZ19 Sec. 3.3), as an upper bound.
+    """log A_alpha for fractional alpha (MTZ19 Sec. 3.3), as an upper bound (NaN if not computable).
 
     With z0 = sigma^2 log(1/q - 1) + 1/2 the point where q mu_1 = (1 - q) mu_0,
     A_alpha = A_1 + A_2 with the two convergent binomial series
@@ -97,6 +97,8 @@ def _log_a_frac(q: float, sigma: float, alpha: float) -> float:
         # remainder bound: the last computed term of each series bounds what follows;
         # plus a margin for the rounding of the signed sum
         tail = float(scaled[n - 1] + scaled[-1])
+        if not (total > 0 and math.isfinite(total) and math.isfinite(m) and math.isfinite(tail)):
+            return math.nan  # the series is not computable in floats (tiny sigma): the caller caps
         log_a = math.log(total) + m
         # compare the tail with A - 1 (A >= 1), both scaled by e^-m
         excess = -math.expm1(-log_a) * total  # (A - 1) / e^m
@@ -117,7 +119,8 @@ def poisson_gaussian_rdp(q: float, sigma: float, orders: Sequence[float]) -> np.
     series of their Sec. 3.3. q = 1 gives alpha / (2 sigma^2).
     """
     orders = np.asarray(orders, dtype=np.float64)
-    if sigma == 0:
+    square = sigma * sigma
+    if square == 0.0 or math.isinf(0.5 / square):  # sigma = 0, or so small that 1/sigma^2 leaves the floats
         return np.full(orders.shape, math.inf)
     if q == 1.0:
         return orders / (2.0 * sigma**2)
@@ -126,9 +129,12 @@ def poisson_gaussian_rdp(q: float, sigma: float, orders: Sequence[float]) -> np.
         if math.isinf(a):
             out[idx] = math.inf
             continue
-        log_a = _log_a_int(q, sigma, int(a)) if _is_int(a) else _log_a_frac(q, sigma, float(a))
-        # never above the unsubsampled Gaussian (A_alpha <= e^{(alpha-1) alpha / (2 sigma^2)})
-        out[idx] = min(max(log_a, 0.0) / (a - 1.0), a / (2.0 * sigma**2))
+        with np.errstate(over="ignore", invalid="ignore"):
+            log_a = _log_a_int(q, sigma, int(a)) if _is_int(a) else _log_a_frac(q, sigma, float(a))
+            # never above the unsubsampled Gaussian (A_alpha <= e^{(alpha-1) alpha / (2 sigma^2)}); that
+            # cap is also the value where the series breaks down (NaN from inf - inf at tiny sigma)
+            cap = a / (2.0 * sigma**2)
+        out[idx] = cap if math.isnan(log_a) else min(max(log_a, 0.0) / (a - 1.0), cap)
     return out
 
 
