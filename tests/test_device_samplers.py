@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from scipy import optimize, stats
 
+from law_tests import chi2_vs_discrete_gaussian
 from dpfa.errors import PrivacyParameterError, ShapeError
 from dpfa.kernels import noise as noise_mod
 from dpfa.kernels.noise import fill_noise
@@ -37,28 +38,7 @@ def _noise(sampler, scale, seed=SEED, n=N, dtype=torch.float32):
     return fill_noise(sampler, seed, n, scale, device=DEVICE, dtype=dtype).cpu().double().numpy()
 
 
-def _chi2_vs_pmf(x, sigma):
-    """p-value of Pearson's chi-square of integer samples against N_Z(0, sigma^2).
-
-    Cells: every integer whose expected count is >= 5, plus the two tails pooled.
-    """
-    x = np.asarray(x, dtype=np.int64)
-    k = np.arange(-int(12 * sigma) - 2, int(12 * sigma) + 3)
-    expected = dg.pmf(k, sigma) * len(x)
-    keep = expected >= 5
-    kk = k[keep]
-    lo, hi = kk[0], kk[-1]
-    counts = np.bincount(np.clip(x, lo - 1, hi + 1) - (lo - 1), minlength=hi - lo + 3)
-    obs = counts[1:-1]
-    tail_obs = counts[0] + counts[-1]
-    tail_exp = len(x) - expected[keep].sum()
-    o = np.append(obs, tail_obs)
-    e = np.append(expected[keep], tail_exp)
-    if tail_exp < 5:  # merge a tiny tail cell into the outermost cells' total
-        o, e = o[:-1], e[:-1]
-        o[-1] += tail_obs
-        e[-1] += tail_exp
-    return stats.chisquare(o, e).pvalue
+_chi2_vs_pmf = chi2_vs_discrete_gaussian
 
 
 # ------------------------------------------------------------------------------- laws
