@@ -103,8 +103,16 @@ def _ghost_sq_norms(left: Sequence[torch.Tensor], right: torch.Tensor, rows: Opt
     return out
 
 
+def _common(left: torch.Tensor, right: torch.Tensor):
+    """Both factors in one dtype: under autocast a layer's input (the fp32 residual stream) and
+    its output gradient (bf16) differ; the matmul then runs in the wider of the two."""
+    dtype = torch.promote_types(left.dtype, right.dtype)
+    return left.to(dtype), right.to(dtype)
+
+
 def _direct_sq_norms(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """||L_i^T R_i||_F^2 per example, materialising DIRECT_TILE output rows at a time."""
+    left, right = _common(left, right)
     B, _, n_out = left.shape
     out = right.new_zeros(B, dtype=torch.float64 if right.dtype == torch.float64 else torch.float32)
     for o0 in range(0, n_out, DIRECT_TILE):
@@ -156,10 +164,11 @@ def clipped_sum(contributions: Sequence[Contribution], factors: torch.Tensor, sh
             part = c.right.new_zeros(c.num_rows, c.right.shape[-1])
             part.index_add_(0, c.left.reshape(-1), weighted.reshape(-1, c.right.shape[-1]))
         else:
-            weighted = c.left * factors.to(c.left.dtype)[:, None, None]
-            part = torch.einsum("bto,bti->oi", weighted, c.right)
+            left, right = _common(c.left, c.right)
+            weighted = left * factors.to(left.dtype)[:, None, None]
+            part = torch.einsum("bto,bti->oi", weighted, right)
         if isinstance(c, Factored) and c.transpose:
             part = part.t()
-        part = part.reshape(shape)
+        part = part.reshape(shape).to(torch.promote_types(part.dtype, torch.float32))  # sums and noise: >= fp32
         total = part if total is None else total + part
     return total
