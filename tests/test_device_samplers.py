@@ -328,3 +328,51 @@ def test_streams_are_uncorrelated_across_offsets_and_seeds():
     assert abs(np.corrcoef(a[:n], a[n:])[0, 1]) < limit  # neighbouring counter ranges
     assert abs(np.corrcoef(a[:n], b)[0, 1]) < limit  # same counters, another seed
     assert abs(np.corrcoef(a[:n - 1], a[1:n])[0, 1]) < limit  # consecutive counters
+
+
+@triton.jit
+def _box_muller_kernel(w_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    m = i < n
+    w0 = tl.load(w_ptr + 3 * i, mask=m, other=0).to(tl.uint32)
+    w1 = tl.load(w_ptr + 3 * i + 1, mask=m, other=0).to(tl.uint32)
+    w2 = tl.load(w_ptr + 3 * i + 2, mask=m, other=0).to(tl.uint32)
+    a, b = ds._box_muller(w0, w1, w2, 1.0)
+    tl.store(out_ptr + 2 * i, a, mask=m)
+    tl.store(out_ptr + 2 * i + 1, b, mask=m)
+
+
+def test_gaussian_tail_is_not_cut_at_5_68():
+    """tl.randn clamps its uniform at 1e-7, so |z| <= 5.68: a truncated Gaussian, not the
+    mechanism that is accounted. The dpfa sampler's radius reaches sqrt(2 * 64 log 2) = 9.42 at
+    the smallest uniform and follows P(r > x) = e^{-x^2/2} on crafted Philox words."""
+    top = 2**32 - 1
+    words = [(0, 0, 0), (0, top, 0), (1, 0, 2**30), (2**28, 0, 0)]  # u = 2^-64, 2^-32, ~2^-32, 2^-4
+    w = torch.tensor([x for t in words for x in t], dtype=torch.int64, device=DEVICE)
+    out = torch.empty(2 * len(words), dtype=torch.float32, device=DEVICE)
+    _box_muller_kernel[(1,)](w, out, len(words), BLOCK=4)
+    r = out.view(-1, 2).double().norm(dim=1).cpu().numpy()
+    u = np.array([2.0**-64, 2.0**-32, 2.0**-32 + 2.0**-64, 2.0**-4])
+    assert np.allclose(r, np.sqrt(-2 * np.log(u)), rtol=1e-5)
+    assert r[0] > 9.4 and r[1] > 6.6  # beyond tl.randn's 5.68
+    assert abs(out[4].item()) < 1e-5 and out[5].item() > 0  # angle pi/2 at w2 = 2^30: (0, r)
+
+
+def test_gaussian_pair_form_gives_the_elementwise_values():
+    """Kernels that make two normals a call (the attention epilogue) and the element-wise
+    sampler (fill_noise) give the same noise: element i is lane i % 2 of counter i // 2."""
+    assert ds.pair_form(ds.gaussian_sampler) is ds.gaussian_pair_sampler
+    assert ds.pair_form(ds.laplace_sampler) is None
+    x = _noise(ds.gaussian_sampler, 1.0, seed=11, n=1000)
+    pairs = torch.empty(1000, dtype=torch.float32, device=DEVICE)
+    _pair_kernel[(1,)](pairs, 11, BLOCK=512)
+    assert np.array_equal(pairs.cpu().double().numpy(), x)
+
+
+@triton.jit
+def _pair_kernel(out_ptr, seed, BLOCK: tl.constexpr):
+    c = tl.arange(0, BLOCK)
+    a, b = ds.gaussian_pair_sampler(seed, c, 1.0)
+    m = c < 500
+    tl.store(out_ptr + 2 * c, a, mask=m)
+    tl.store(out_ptr + 2 * c + 1, b, mask=m)

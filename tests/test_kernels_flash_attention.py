@@ -311,3 +311,35 @@ def test_noise_under_vmap_is_refused():
     noise = EpilogueNoise(sigma=torch.ones(1, 2, 4, device=DEVICE), sampler=gaussian_sampler, seed=1)
     with pytest.raises(ShapeError, match="vmap"):
         torch.func.vmap(lambda q1: flash_attn_with_hooks(q1, q1, q1, noise=noise))(q)
+
+
+@pytest.mark.parametrize("D", [32, 80])
+def test_epilogue_pair_noise_equals_the_elementwise_sampler(D):
+    """The epilogue makes the Gaussian two at a time (device_samplers.pair_form); element
+    (b, i, h, d) must still be the element-wise sampler's value at its offset, as fill_noise
+    gives it (also for a head dim that is not a power of two: padded lanes are not stored)."""
+    from dpfa.kernels.noise import fill_noise
+    q, k, v, sigma = _noise_inputs(B=2, N=19, H=3, D=D)
+    with torch.no_grad():
+        clean = flash_attn_with_hooks(q, k, v)
+        noisy = flash_attn_with_hooks(q, k, v, noise=EpilogueNoise(sigma=sigma, sampler=gaussian_sampler, seed=77))
+    z = fill_noise(gaussian_sampler, 77, q.numel(), 1.0, device=DEVICE).view(q.shape)
+    expect = clean.double() + sigma.transpose(1, 2)[..., None].double() * z.double()
+    assert torch.allclose(noisy.double(), expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal,mask", [(False, False), (True, False), (False, True)])
+def test_value_preclip_and_fixed_max_match_the_online_kernel(monkeypatch, causal, mask):
+    """The fast DP forward (V clipped in one pass; the cap as a fixed softmax shift) and the
+    in-kernel hooks (per-tile clip, online max) compute the same capped, clipped attention."""
+    import dpfa.kernels.flash_attention as fa
+    q, k, v = (_rand(2, 37, 2, 32, dtype=torch.float32, grad=False) * 3 for _ in range(3))
+    kpm = (torch.rand(2, 37, device=DEVICE) > 0.3) if mask else None
+    opts = dict(causal=causal, key_padding_mask=kpm, score_cap=2.0, value_clip=0.5)
+    fast = flash_attn_with_hooks(q, k, v, return_lse=True, **opts)
+    monkeypatch.setattr(fa, "PRECLIP_VALUES", False)
+    monkeypatch.setattr(fa, "FIXED_MAX_CAP_LIMIT", 0.0)
+    slow = flash_attn_with_hooks(q, k, v, return_lse=True, **opts)
+    ref = attention_reference(q.double(), k.double(), v.double(), return_lse=True, **opts)
+    for a, b, r in zip(fast, slow, ref):
+        assert _rel(a, r) < 1e-5 and _rel(b, r) < 1e-5

@@ -26,7 +26,8 @@ import triton
 
 from dpfa.errors import DPFAError, ShapeError
 from dpfa.kernels.flash_attention_bwd import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel
-from dpfa.kernels.flash_attention_fwd import flash_fwd_kernel
+from dpfa.kernels.flash_attention_fwd import clip_rows_kernel, flash_fwd_kernel
+from dpfa.mechanisms.device_samplers import pair_form
 from dpfa.kernels.flash_attention_reference import (SCORE_CAP_MODES, VALUE_CLIP_NORMS, attention_reference,
                                                     clip_value_rows)
 
@@ -256,9 +257,30 @@ def _common(q, k):
     ), (B, Nq, H, D, Nk, Hk)
 
 
+#: the forward clips V in one pass before the attention kernel (False: in every program, per tile)
+PRECLIP_VALUES = True
+#: the capped softmax uses the cap as a fixed shift (no running max) when e^{-2 cap} stays normal in fp32
+FIXED_MAX_CAP_LIMIT = 20.0
+
+
+def _clip_values(v, v_clip, v_norm):
+    """V with each row scaled to norm <= v_clip, by ``clip_rows_kernel`` (the in-kernel hook's arithmetic)."""
+    v = v.contiguous()
+    vc = torch.empty_like(v)
+    rows, D = v.numel() // v.shape[-1], v.shape[-1]
+    block_r = 256 if _interpreting() else 32
+    clip_rows_kernel[(triton.cdiv(rows, block_r),)](v, vc, rows, float(v_clip), HEAD_DIM=D,
+                                                    BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_R=block_r,
+                                                    VALUE_CLIP=_CLIP_CODES[v_norm])
+    return vc
+
+
 def _forward(q, k, v, kpm, sm_scale, causal, cap, cap_mode, v_clip, v_norm, noise, store_clean):
     """Launch the forward kernel; returns (o, lse in base 2 with +inf for empty rows, o_clean)."""
     consts, (B, Nq, H, D, Nk, Hk) = _common(q, k)
+    if v_clip is not None and PRECLIP_VALUES:
+        v, v_clip = _clip_values(v, v_clip, v_norm), None
+    pair = pair_form(noise.sampler) if noise is not None and noise.sampler is not None and not noise.quantize else None
     o = torch.empty_like(q)
     lse2 = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     noise_code, o_clean, sigma, z = 0, o, lse2, o
@@ -287,9 +309,11 @@ def _forward(q, k, v, kpm, sm_scale, causal, cap, cap_mode, v_clip, v_norm, nois
         noise_scale=float(noise.scale) if noise is not None else 0.0,
         CAUSAL=bool(causal), HAS_KPM=kpm is not None,
         SCORE_CAP=_CAP_CODES[cap_mode if cap is not None else None], VALUE_CLIP=_CLIP_CODES[v_norm if v_clip is not None else None],
-        NOISE=noise_code, NOISE_FN=noise.sampler if noise is not None else None,
+        NOISE=noise_code, NOISE_FN=pair or (noise.sampler if noise is not None else None),
         STORE_CLEAN=bool(noise is not None and store_clean),
         QUANTIZE=bool(noise is not None and noise.quantize), **consts,
+        FIXED_MAX=cap is not None and float(cap) <= FIXED_MAX_CAP_LIMIT,
+        NOISE_PAIR=pair is not None, NOISE_LARGE=q.numel() >= 2**31 - 2 * D,
     )
     _launch(flash_fwd_kernel, _fwd_tuned, "fwd", lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H),
             args, _bucket(Nq), _bucket(Nk))

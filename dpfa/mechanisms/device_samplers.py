@@ -20,12 +20,12 @@ words ``a, b``, which lies in (0, 1] (never 0, so ``-log(u)`` is finite, at most
 rounding of the float type), so exponential tails are right out to about 40 scales.
 
 Interpreter: everything here runs under ``TRITON_INTERPRET=1`` (no libdevice-only
-functions: only ``tl.log``, ``tl.exp``, ``tl.floor``, ``tl.abs``, ``tl.where``,
-``tl.max`` and Philox).
+functions: only ``tl.log``, ``tl.exp``, ``tl.sqrt``, ``tl.cos``, ``tl.sin``, ``tl.floor``,
+``tl.abs``, ``tl.where``, ``tl.max`` and Philox).
 
 Floating point: these are floating-point samplers. The discrete Gaussian computes in
 float64 and returns exact integers (in float32, exact while ``|noise| < 2**24``, i.e.
-for sigma up to about 3e5); the Gaussian (Box-Muller, ``tl.randn``) and the Laplace
+for sigma up to about 3e5); the Gaussian (Box-Muller on 64-bit uniforms) and the Laplace
 compute in float32, and, like every floating-point sampler of a continuous law, are
 exposed to the floating-point attacks of Mironov (CCS 2012) on their low-order bits.
 """
@@ -49,12 +49,6 @@ _DG_MAX_ROUNDS = tl.constexpr(DISCRETE_GAUSSIAN_MAX_ROUNDS)
 
 
 @triton.jit
-def gaussian_sampler(seed, offsets, scale):
-    """N(0, scale^2) at each offset (Philox + Box-Muller, ``tl.randn``)."""
-    return tl.randn(seed, offsets) * scale
-
-
-@triton.jit
 def _uniform_open0_f32(hi, lo):
     """u in (0, 1] from two uint32 words, in float32: (2^32 hi + lo + 1) 2^-64.
 
@@ -69,6 +63,46 @@ def _uniform_open0_f32(hi, lo):
 def _uniform_open0_f64(hi, lo):
     """u in (0, 1] from two uint32 words, in float64: (2^32 hi + lo + 1) 2^-64."""
     return (hi.to(tl.float64) * 4294967296.0 + (lo.to(tl.float64) + 1.0)) * 5.421010862427522e-20
+
+
+@triton.jit
+def gaussian_pair_sampler(seed, pair_offsets, scale):
+    """Two independent N(0, scale^2) values per counter: elements 2c and 2c + 1.
+
+    Box-Muller on one Philox-4x32 call at counter c = ``pair_offsets``: u in (0, 1] from
+    two words (64 bits, see the module docstring), angle 2 pi w / 2^32 from the third,
+    r = sqrt(-2 log u); returns (r cos, r sin) times ``scale``. Why not ``tl.randn``: it
+    clamps its uniform to >= 1e-7, so its normals never exceed 5.68 in magnitude; a
+    Gaussian mechanism whose noise is cut there is not the Gaussian mechanism (outputs
+    beyond the cut of one input have probability 0 under it and about 1e-8 per element
+    under a neighbour, an unaccounted delta that grows with the number of noisy
+    elements). Here r <= sqrt(2 * 64 log 2) = 9.42 and P(r > x) = e^{-x^2/2} is right to
+    an absolute 2^-64. One Philox call and one log and sqrt serve two normals.
+    """
+    w0, w1, w2, _ = tl.randint4x(seed, pair_offsets)
+    return _box_muller(w0, w1, w2, scale)
+
+
+@triton.jit
+def _box_muller(w0, w1, w2, scale):
+    """(r cos t, r sin t) * scale, r = sqrt(-2 log u), u = (2^32 w0 + w1 + 1) 2^-64, t = 2 pi w2 / 2^32."""
+    r = tl.sqrt(-2.0 * tl.log(_uniform_open0_f32(w0, w1))) * scale
+    theta = w2.to(tl.float32) * 1.4629180792671596e-09  # 2 pi / 2^32
+    return r * tl.cos(theta), r * tl.sin(theta)
+
+
+@triton.jit
+def gaussian_sampler(seed, offsets, scale):
+    """N(0, scale^2) at each offset: element i is lane i mod 2 of ``gaussian_pair_sampler`` at
+    counter i // 2 (so kernels that make the pairs at once give the same values)."""
+    a, b = gaussian_pair_sampler(seed, offsets >> 1, scale)
+    return tl.where((offsets & 1) == 0, a, b)
+
+
+def pair_form(sampler):
+    """The two-at-a-time form of a device sampler (element 2c and 2c + 1 from counter c),
+    or None if it has none. Kernels that produce a row of noise use it when present."""
+    return gaussian_pair_sampler if sampler is gaussian_sampler else None
 
 
 @triton.jit
