@@ -432,3 +432,373 @@ def test_l1_clipping_for_laplace(gen):
     assert opt.pre_step()
     for n, p in model.named_parameters():
         assert_rel_close(p.grad, expected[n], msg=n)
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 5, line by line: every layer type under flat and per-layer clipping, both norm methods
+
+
+class FlashAttentionModel(nn.Module):
+    """Embedding -> dpfa.DPFlashAttention (release noise off: every head at epsilon inf) -> Linear head."""
+
+    def __init__(self, vocab=11, d=32, heads=2):
+        super().__init__()
+        import dpfa
+
+        self.emb = nn.Embedding(vocab, d)
+        self.attn = dpfa.DPFlashAttention(d, heads, batch_first=True, epsilon=1.0, delta=1e-5,
+                                          head_epsilons=[math.inf] * heads, causal=True)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        a, _ = self.attn(h, h, h)
+        return self.head(h + a)
+
+
+class CrossAttentionModel(nn.Module):
+    """nn.MultiheadAttention with kdim != vdim != embed_dim (separate q/k/v projection weights), seq-first."""
+
+    def __init__(self, vocab=11, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.to_k = nn.Linear(d, 6, bias=False)
+        self.to_v = nn.Linear(d, 5)
+        self.attn = nn.MultiheadAttention(d, 2, kdim=6, vdim=5, bias=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        k, v = self.to_k(h), self.to_v(h)
+        a, _ = self.attn(h.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), need_weights=False)
+        return self.head(h + a.transpose(0, 1))
+
+
+CASES["dpfa_flash_attention"] = (FlashAttentionModel, "tokens", lm_loss)
+CASES["mha_kdim_vdim"] = (CrossAttentionModel, "tokens", lm_loss)
+
+
+def _check_against_textbook(case, C, clipping, gen, n=6):
+    build, kind, loss_fn = CASES[case]
+    torch.manual_seed(0)
+    model = build()
+    x, y = data_for(kind, n, gen)
+    reference_model = copy.deepcopy(model)
+    model, delta = one_private_step(model, loss_fn, x, y, C, clipping=clipping)
+    reference = model_with_params(model, reference_model)
+    grads = per_example_grads(reference, loss_fn, x, y)
+    thresholds = {name: C / math.sqrt(len(grads)) for name in grads}  # the engine's default equal split
+    expected = clipped_mean(grads, C, expected_batch_size=n, clipping=clipping, thresholds=thresholds)
+    assert set(expected) == {k for k, p in model.named_parameters() if p.requires_grad}
+    total = torch.cat([u.flatten() for u in expected.values()]).norm().item()
+    # a gradient that is 0 in theory (the key bias under softmax) is fp32 round-off; per-layer clipping leaves it
+    # unscaled (its own norm is far below C_l), so its floor is relative to C, the largest a clipped sum can be
+    floor = 1e-7 * total if clipping == "flat" else 1e-6 * C
+    for name, upd in expected.items():
+        assert_rel_close(delta[name], -upd, floor=floor, msg=f"{case} {clipping}: {name}")
+
+
+@pytest.mark.parametrize("case", ["dpfa_flash_attention", "mha_kdim_vdim"])
+@pytest.mark.parametrize("C", [0.05, 1e3])
+def test_attention_projections_equal_textbook(case, C, gen):
+    _check_against_textbook(case, C, "flat", gen)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_per_layer_clipping_equals_textbook_every_layer(case, gen):
+    """Per-layer clipping (C_l = C / sqrt(L)), small C so that every layer of every example is clipped."""
+    _check_against_textbook(case, 0.05, "per_layer", gen)
+
+
+@pytest.mark.parametrize("method", ["ghost", "direct"])
+@pytest.mark.parametrize("case", ["tokens_tied", "conv", "dpfa_gpt"])
+def test_ghost_and_direct_norms_both_exact(case, method, gen, monkeypatch):
+    """Force the norm method the cost rule would pick, so both paths face the textbook step."""
+    from dpfa.training import contributions
+
+    monkeypatch.setattr(contributions, "prefers_ghost", lambda T, n_out, n_in: method == "ghost")
+    _check_against_textbook(case, 0.05, "flat", gen)
+
+
+# --------------------------------------------------------------------------------------------------
+# noise: once per parameter per logical batch, std sigma C / E[B]
+
+
+def _variance_p_value(sample: torch.Tensor, std: float) -> float:
+    """Two-sided p-value of (n-1) s^2 / std^2 ~ chi2(n-1) (normal sample of mean 0)."""
+    from scipy import stats
+
+    x = sample.double()
+    n = x.numel()
+    t = float(((x - x.mean()) ** 2).sum()) / std**2
+    return 2 * min(stats.chi2.cdf(t, n - 1), stats.chi2.sf(t, n - 1))
+
+
+@pytest.mark.parametrize("physical", [None, 3])
+def test_noise_std_statistical_and_rejects_wrong_scales(physical):
+    """The pure-noise step passes the variance test at sigma C / E[B], and fails it at 0.8x, 0.9x, 1.1x, 1.25x
+    (what noise per physical batch, or a wrong normaliser, would give)."""
+    sigma, C, B = 1.3, 0.7, 8
+    step = _pure_noise_step("gaussian", sigma, C, B, physical=physical)
+    expected = sigma * C / B
+    assert _variance_p_value(step, expected) > 1e-3
+    for wrong in (0.8, 0.9, 1.1, 1.25):
+        assert _variance_p_value(step, wrong * expected) < 1e-6, wrong
+
+
+def test_noise_is_drawn_once_per_parameter_per_logical_batch(gen, monkeypatch):
+    """Spy on the mechanism: 3 physical batches, one logical batch -> one draw per parameter, of its shape."""
+    calls = []
+    engine = PrivacyEngine(accountant="rdp", seed=2)
+    real = type(engine.mechanism).sample
+
+    def spy(self, shape, scale, **kw):
+        calls.append((tuple(shape), scale))
+        return real(self, shape, scale, **kw)
+
+    monkeypatch.setattr(type(engine.mechanism), "sample", spy)
+    model = TokenModel()
+    x, y = data_for("tokens", 12, gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt, loader = engine.make_private(model, opt, DataLoader(TensorDataset(x, y), batch_size=12),
+                                             noise_multiplier=0.9, target_delta=1e-5, max_grad_norm=0.5,
+                                             poisson_sampling=False, max_physical_batch_size=5)
+    shapes = sorted(tuple(p.shape) for p in model.parameters() if p.requires_grad)
+    physical = 0
+    for xb, yb in loader:
+        opt.zero_grad()
+        lm_loss(model(xb), yb).backward()
+        opt.step()
+        physical += 1
+        if engine.steps == 1:
+            break
+    assert physical == 3
+    assert sorted(s for s, _ in calls) == shapes  # tied weight: one draw, not two
+    assert all(scale == pytest.approx(0.9 * 0.5) for _, scale in calls)
+
+
+# --------------------------------------------------------------------------------------------------
+# items 1-2: errors, noise 0, get_epsilon at any time
+
+
+def test_zero_noise_warns_and_epsilon_is_inf(gen):
+    x, y = data_for("mlp", 8, gen)
+    model = mlp_model()
+    engine = PrivacyEngine(accountant="rdp")
+    with pytest.warns(UserWarning, match="NOT private"):
+        model, opt, loader = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                 DataLoader(TensorDataset(x, y), batch_size=4), noise_multiplier=0.0,
+                                                 target_delta=1e-5, max_grad_norm=1.0, poisson_sampling=False)
+    assert engine.get_epsilon() == 0.0  # nothing released yet
+    xb, yb = next(iter(loader))
+    mse_loss(model(xb), yb).backward()
+    opt.step()
+    assert engine.get_epsilon() == math.inf and engine.get_epsilon(1e-3) == math.inf
+
+
+def test_get_epsilon_at_any_time_grows(gen):
+    x, y = data_for("mlp", 20, gen)
+    model = mlp_model()
+    engine = PrivacyEngine(accountant="rdp", seed=0)
+    model, opt, loader = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                             DataLoader(TensorDataset(x, y), batch_size=5), noise_multiplier=1.0,
+                                             target_delta=1e-5, max_grad_norm=1.0)
+    eps = [engine.get_epsilon(1e-5)]
+    for xb, yb in loader:
+        opt.zero_grad()
+        if len(xb):
+            mse_loss(model(xb), yb).backward()
+        opt.step()
+        eps.append(engine.get_epsilon(1e-5))
+    assert eps[0] == 0.0 and all(a < b for a, b in zip(eps, eps[1:]))
+    assert engine.get_epsilon(1e-3) < engine.get_epsilon(1e-7)
+
+
+class _NoLength(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from ((torch.zeros(6), torch.zeros(2)) for _ in range(8))
+
+
+def test_no_dataset_size_is_an_error():
+    model = mlp_model()
+    with pytest.raises(DPFAError, match="dataset with a length"):
+        PrivacyEngine().make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                     DataLoader(_NoLength(), batch_size=4), noise_multiplier=1.0, target_delta=1e-5,
+                                     max_grad_norm=1.0)
+    with pytest.raises(PrivacyParameterError, match="dataset="):
+        make_model_differentially_private(mlp_model(), target_epsilon=1.0, target_delta=1e-5, num_epochs=1,
+                                          batch_size=4, dataset_size=100)
+
+
+def test_make_model_differentially_private_errors(gen):
+    x, y = data_for("mlp", 10, gen)
+    ds = TensorDataset(x, y)
+    with pytest.raises(PrivacyParameterError, match="dataset_size=12 but len\\(dataset\\)=10"):
+        make_model_differentially_private(mlp_model(), 1.0, 1e-5, 1, 5, dataset_size=12, dataset=ds)
+    with pytest.raises(PrivacyParameterError, match="batch_size=11"):
+        make_model_differentially_private(mlp_model(), 1.0, 1e-5, 1, 11, dataset=ds)
+    with pytest.raises(PrivacyParameterError, match="exactly one"):
+        make_model_differentially_private(mlp_model(), 1.0, 1e-5, 1, 5, dataset=ds, noise_multiplier=1.0)
+
+
+def test_unsupported_layer_option_is_named(gen):
+    model = nn.Sequential(nn.Embedding(11, 4, scale_grad_by_freq=True), nn.Flatten(1), nn.Linear(36, 2))
+    x, y = data_for("tokens", 4, gen)
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, _ = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                        DataLoader(TensorDataset(x, y), batch_size=2), noise_multiplier=1.0,
+                                        target_delta=1e-5, max_grad_norm=1.0, poisson_sampling=False)
+    with pytest.raises(UnsupportedLayerError, match="scale_grad_by_freq=True"):
+        mse_loss(model(x), y[:, :2].float()).backward()
+
+
+def test_accountant_that_cannot_account_the_sampling_refuses_before_any_step(gen):
+    """prv has no curve for sampling without replacement: make_private refuses (it used to fail after the step)."""
+    from dpfa.errors import UnsupportedEventError
+
+    x, y = data_for("mlp", 8, gen)
+    model = mlp_model()
+    with pytest.raises(UnsupportedEventError, match="without_replacement"):
+        PrivacyEngine(accountant="prv").make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                     DataLoader(TensorDataset(x, y), batch_size=4),
+                                                     noise_multiplier=1.0, target_delta=1e-5, max_grad_norm=1.0,
+                                                     poisson_sampling=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# item 3-4: sampling relation, checkpoints, secure RNG, budget
+
+
+def test_without_replacement_is_accounted_as_replace_one(gen):
+    from dpfa import accountants
+
+    x, y = data_for("mlp", 40, gen)
+    model = mlp_model()
+    engine = PrivacyEngine(accountant="rdp", seed=1)
+    model, opt, loader = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                             DataLoader(TensorDataset(x, y), batch_size=8), noise_multiplier=1.2,
+                                             target_delta=1e-5, max_grad_norm=1.0, poisson_sampling=False)
+    for xb, yb in loader:
+        assert len(xb) == 8
+        opt.zero_grad()
+        mse_loss(model(xb), yb).backward()
+        opt.step()
+    (event,) = engine.accountant.history
+    assert (event.sampling, event.neighboring, event.sample_rate, event.count) == (
+        "without_replacement", "replace_one", 8 / 40, 5)
+    replace = accountants.create("rdp").compose("gaussian", 1.2, 0.2, 5, sampling="without_replacement",
+                                                neighboring="replace_one").get_epsilon(1e-5)
+    add_remove = accountants.create("rdp").compose("gaussian", 1.2, 0.2, 5).get_epsilon(1e-5)
+    assert engine.get_epsilon() == pytest.approx(replace) and replace > add_remove
+
+
+def _train(engine, model, loader):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model, opt, loader = engine.make_private(model, opt, loader, noise_multiplier=0.8, target_delta=1e-5,
+                                             max_grad_norm=0.5)
+    return model, opt, loader
+
+
+def _batches(loader):
+    while True:  # epoch after epoch: Poisson batches continue the sampler's stream
+        yield from loader
+
+
+def _run_steps(engine, model, opt, loader, steps):
+    it = _batches(loader)
+    for _ in range(steps):
+        xb, yb = next(it)
+        opt.zero_grad()
+        if len(xb):
+            mse_loss(model(xb), yb).backward()
+        opt.step()
+
+
+def test_checkpoint_resume_continues_the_same_run(tmp_path, gen):
+    """Stop after 3 steps, resume into a fresh engine: epsilon, step count, the next Poisson batch and the next
+    noise are those of the uninterrupted run (so the parameters after 3 + 3 steps are bitwise equal)."""
+    x, y = data_for("mlp", 30, gen)
+    ds = TensorDataset(x, y)
+    torch.manual_seed(8)
+    init = mlp_model()
+
+    straight = PrivacyEngine(accountant="rdp", seed=123)
+    m1, o1, l1 = _train(straight, copy.deepcopy(init), DataLoader(ds, batch_size=6))
+    _run_steps(straight, m1, o1, l1, 6)
+
+    first = PrivacyEngine(accountant="rdp", seed=123)
+    m2, o2, l2 = _train(first, copy.deepcopy(init), DataLoader(ds, batch_size=6))
+    _run_steps(first, m2, o2, l2, 3)
+    first.save_checkpoint(tmp_path / "ck.pt", m2, o2)
+
+    resumed = PrivacyEngine(accountant="rdp", seed=999)  # a different seed: the checkpoint's wins
+    m3, o3, l3 = _train(resumed, mlp_model(), DataLoader(ds, batch_size=6))
+    resumed.load_checkpoint(tmp_path / "ck.pt", m3, o3)
+    assert resumed.steps == 3 and resumed.get_epsilon() == pytest.approx(first.get_epsilon())
+    _run_steps(resumed, m3, o3, l3, 3)
+    assert resumed.steps == straight.steps == 6
+    assert resumed.get_epsilon() == pytest.approx(straight.get_epsilon())
+    for (n, p), q in zip(m1.named_parameters(), m3.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_checkpoint_with_a_different_configuration_is_refused(tmp_path, gen):
+    from dpfa.errors import StateMismatchError
+
+    x, y = data_for("mlp", 30, gen)
+    a = PrivacyEngine(accountant="rdp", seed=1)
+    m, o, _ = _train(a, mlp_model(), DataLoader(TensorDataset(x, y), batch_size=6))
+    a.save_checkpoint(tmp_path / "ck.pt", m, o)
+    b = PrivacyEngine(accountant="rdp")
+    m2 = mlp_model()
+    o2 = torch.optim.SGD(m2.parameters(), lr=0.1)
+    m2, o2, _ = b.make_private(m2, o2, DataLoader(TensorDataset(x, y), batch_size=6), noise_multiplier=0.5,
+                               target_delta=1e-5, max_grad_norm=0.5)
+    with pytest.raises(StateMismatchError, match="noise_multiplier=0.8"):
+        b.load_checkpoint(tmp_path / "ck.pt", m2, o2)
+
+
+def test_budget_stop_survives_a_resume(tmp_path, gen):
+    """The resumed engine stops at the same total step as the uninterrupted one would."""
+    x, y = data_for("mlp", 50, gen)
+    ds = TensorDataset(x, y)
+
+    def fresh():
+        model = mlp_model()
+        eng = PrivacyEngine(accountant="rdp", seed=4)
+        m, o, dl = eng.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(ds, batch_size=10),
+                                    target_epsilon=2.0, epochs=2, target_delta=1e-5, max_grad_norm=1.0)
+        return eng, m, o, dl
+
+    eng, m, o, dl = fresh()
+    budget = eng.max_steps
+    assert budget >= 10
+    _run_steps(eng, m, o, dl, 4)
+    eng.save_checkpoint(tmp_path / "ck.pt", m, o)
+    eng2, m2, o2, dl2 = fresh()
+    eng2.load_checkpoint(tmp_path / "ck.pt", m2, o2)
+    assert eng2.max_steps == budget
+    with pytest.raises(BudgetExceededError):
+        for _ in range(budget):
+            _run_steps(eng2, m2, o2, dl2, 1)
+    assert eng2.steps == budget and eng2.get_epsilon() <= 2.0
+
+
+def test_secure_rng_keys_noise_from_the_os_csprng(monkeypatch):
+    """With secure_rng=True every noise key comes from secrets.randbits: pin it and the noise is the one that key
+    gives; the engine's seed plays no part."""
+    import dpfa.training.engine as engine_module
+
+    keys = []
+
+    def fake_randbits(k):
+        keys.append(k)
+        return 424242
+
+    monkeypatch.setattr(engine_module.secrets, "randbits", fake_randbits)
+    a = _pure_noise_step("gaussian", 1.0, 1.0, 4, seed=1, secure_rng=True)
+    b = _pure_noise_step("gaussian", 1.0, 1.0, 4, seed=2, secure_rng=True)
+    assert keys and torch.equal(a, b)
+    monkeypatch.undo()
+    c = _pure_noise_step("gaussian", 1.0, 1.0, 4, seed=1, secure_rng=True)
+    assert not torch.equal(a, c)

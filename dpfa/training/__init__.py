@@ -4,10 +4,11 @@ from dpfa.training.engine import PrivacyEngine, PrivateTraining, make_model_diff
 from dpfa.training.optimizer import DPOptimizer
 from dpfa.training.data_loader import DPDataLoader, PoissonBatchSampler, WithoutReplacementBatchSampler
 from dpfa.training.layer_rules import UnsupportedLayerError, register_rule
+from dpfa.training.losses import token_cross_entropy
 from dpfa.training.multihead_attention import DPMultiheadAttention
 
 __all__ = [
     "PrivacyEngine", "PrivateTraining", "make_model_differentially_private", "DPOptimizer", "DPDataLoader",
     "PoissonBatchSampler", "WithoutReplacementBatchSampler", "UnsupportedLayerError", "register_rule",
-    "DPMultiheadAttention",
+    "DPMultiheadAttention", "token_cross_entropy",
 ]

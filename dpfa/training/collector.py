@@ -4,6 +4,13 @@ A forward hook on every module that owns trainable parameters keeps the module's
 a tensor hook on the module's output receives the output gradient in backward, and the
 module's rule (layer_rules.py) turns the pair into factored contributions. Nothing is
 stored on the parameters: the collector, owned by the engine, holds the state.
+
+Examples are indexed by (backward pass, position in the batch). Several forward/backward
+passes before one optimizer step (gradient accumulation) hold different examples: a
+forward pass that starts after a backward pass has delivered contributions seals them
+as a group of their own, so that example i of one micro-batch is never merged with
+example i of another. Forward passes before their common backward pass (a siamese loss)
+share the group: their example i is one example.
 """
 
 from __future__ import annotations
@@ -21,19 +28,27 @@ LOSS_REDUCTIONS = ("mean", "sum")
 
 
 class GradSampleCollector:
-    """Collects, per trainable parameter, the contributions of the current physical batch.
+    """Collects, per trainable parameter, the contributions of the current physical batch(es).
 
     ``loss_reduction="mean"``: the loss is a mean over the batch, so output gradients are
-    1/B times those of the per-example losses and are scaled back by B.
+    1/B times those of the per-example losses and are scaled back by B (B of the backward
+    pass that delivers them). ``batch_info`` (the loader's BatchInfo) tags each group with
+    the logical batch it came from, so that the optimizer can refuse to mix logical batches.
     """
 
-    def __init__(self, module: nn.Module, loss_reduction: str = "mean"):
+    def __init__(self, module: nn.Module, loss_reduction: str = "mean", batch_info: Optional[object] = None):
         if loss_reduction not in LOSS_REDUCTIONS:
             raise DPFAError(f"Unknown loss_reduction={loss_reduction!r}; expected 'mean' or 'sum'.")
         self.module = module
         self.loss_reduction = loss_reduction
         self.contributions: Dict[nn.Parameter, List[Contribution]] = {}
         self.batch_size: Optional[int] = None
+        #: earlier backward passes since the last clear(), each {parameter: contributions} of its own examples
+        self.sealed: List[Dict[nn.Parameter, List[Contribution]]] = []
+        #: the logical batch (BatchInfo.logical_batch) of each group: sealed ones, then the current one
+        self.sealed_logical: List[Optional[int]] = []
+        self.logical: Optional[int] = None
+        self.batch_info = batch_info
         self._handles: list = []
         self._forward_batch: Optional[int] = None
         #: id(module) -> {name: trainable parameter} as registered now (FSDP swaps in unsharded copies while a
@@ -56,8 +71,8 @@ class GradSampleCollector:
                     f"Module {name or '<root>'!r} ({type(sub).__qualname__}) has trainable parameters "
                     f"{sorted(own)} but dpfa has no per-example gradient rule for it. Supported: nn.Linear, "
                     "nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.Conv2d, nn.MultiheadAttention (converted), "
-                    "transformers Conv1D/ViTEmbeddings. Freeze it with requires_grad_(False) or register a rule "
-                    "with dpfa.training.layer_rules.register_rule."
+                    "transformers Conv1D/ViTEmbeddings/LlamaRMSNorm-style norms. Freeze it with "
+                    "requires_grad_(False) or register a rule with dpfa.training.layer_rules.register_rule."
                 )
             covered.update(id(p) for n, p in own.items())
             self._owned[id(sub)] = own
@@ -74,7 +89,14 @@ class GradSampleCollector:
 
     # ---------------------------------------------------------------- hooks
     def _root_pre_hook(self, module: nn.Module, args, kwargs):
-        """A new forward pass: its batch size is the root input's first dimension (if a tensor)."""
+        """A new forward pass: its batch size is the root input's first dimension (if a tensor).
+
+        Contributions already delivered by a backward pass are sealed: this pass's examples are new ones.
+        """
+        if self.contributions:
+            self.sealed.append(self.contributions)
+            self.sealed_logical.append(self.logical)
+            self.contributions, self.batch_size, self.logical = {}, None, None
         x = args[0] if args else next(iter(kwargs.values()), None)
         self._forward_batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else None
         return None
@@ -112,6 +134,8 @@ class GradSampleCollector:
                 f"Module {type(module).__qualname__} saw batch size {batch} but an earlier module saw "
                 f"{self.batch_size}: dpfa needs the batch dimension first in every layer."
             )
+        if not self.contributions:
+            self.logical = getattr(self.batch_info, "logical_batch", None)
         if self.loss_reduction == "mean":
             g = g * batch
         for pname, contribution in rule(module, x, g).items():
@@ -123,13 +147,23 @@ class GradSampleCollector:
     def clear(self) -> None:
         self.contributions = {}
         self.batch_size = None
+        self.sealed, self.sealed_logical, self.logical = [], [], None
+
+    def groups(self) -> List[Dict[nn.Parameter, List[Contribution]]]:
+        """One {parameter: contributions} per backward pass since the last clear(); examples never span two."""
+        return [g for g in self.sealed + [self.contributions] if g]
+
+    def logical_batches(self) -> set:
+        """The logical batches (BatchInfo.logical_batch) that the pending groups came from."""
+        tags = self.sealed_logical + ([self.logical] if self.contributions else [])
+        return {t for t in tags if t is not None}
 
     def has_contributions(self) -> bool:
-        return bool(self.contributions)
+        return any(self.groups())
 
     def unused(self) -> List[nn.Parameter]:
         """Trainable parameters with no contribution in this batch (no gradient reached them)."""
-        return [p for p in self.parameters if p not in self.contributions]
+        return [p for p in self.parameters if all(p not in g for g in self.groups())]
 
 
 def known_unused(module: nn.Module) -> set[str]:

@@ -34,6 +34,8 @@ class BatchInfo:
 
     end_of_logical_batch: bool = True
     last_batch_size: Optional[int] = None
+    #: how many logical batches the loader has started (the current one's number)
+    logical_batch: int = 0
 
 
 def _fresh(generator: Optional[torch.Generator], secure: bool) -> Optional[torch.Generator]:
@@ -134,6 +136,7 @@ class DPDataLoader:
 
     def __iter__(self):
         for indices in self.batch_sampler:
+            self.info.logical_batch += 1
             chunks = self._chunks(indices)
             for j, chunk in enumerate(chunks):
                 self.info.end_of_logical_batch = j == len(chunks) - 1

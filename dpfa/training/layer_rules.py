@@ -127,6 +127,22 @@ if hasattr(nn, "RMSNorm"):
         return _affine_norm_rule(module, x_hat, g, len(module.normalized_shape))
 
 
+@register_rule("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "T5LayerNorm")
+def hf_rms_norm_rule(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Dict[str, Contribution]:
+    """transformers' RMSNorm scale vectors (Zhang & Sennrich 2019): y = w * x_hat over the last dim with
+    x_hat = x / sqrt(mean(x^2) + eps) computed in fp32, so grad_w,i = sum_t g_t * x_hat_t."""
+    eps = getattr(module, "variance_epsilon", None)
+    w = getattr(module, "weight", None)
+    if eps is None or w is None or w.dim() != 1:
+        raise UnsupportedLayerError(
+            f"{type(module).__qualname__} is not an RMSNorm of the form weight * x / sqrt(mean(x^2) + "
+            "variance_epsilon) with a 1-D weight; register a rule for it."
+        )
+    xf = x.float()
+    x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return _affine_norm_rule(module, x_hat.to(g.dtype), g, 1)
+
+
 @register_rule(nn.Conv2d)
 def conv2d_rule(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> Dict[str, Contribution]:
     """A convolution is a linear map on unfolded patches: grad_W,i = sum_l g_l patch_l^T."""
