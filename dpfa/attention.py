@@ -45,6 +45,7 @@ at most k sqrt(D) + sqrt(D) = (k + 1) sqrt(D) (plus the float32 error of O / g, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import secrets
@@ -61,6 +62,7 @@ from dpfa.kernels.flash_attention import EpilogueNoise, flash_attn_with_hooks, r
 from dpfa.kernels.noise import _scale_arg
 from dpfa.mechanisms import registry as mechanism_registry
 from dpfa.mechanisms.base import DPMechanism
+from dpfa.mechanisms.secure import grid_bits_for, grid_release, rounded_sensitivity
 
 __all__ = ["dp_flash_attn_func", "DPFlashAttention", "PrivacyStats", "row_sensitivity", "visible_keys",
            "DEFAULT_SCORE_CAP", "GRID_STEPS"]
@@ -93,6 +95,7 @@ class PrivacyStats:
     records_visible_rows: int  # R: query rows that can see one record
     events: tuple[SampledMechanismEvent, ...]  # compose these in any dpfa accountant
     seed: int
+    grid_step: Optional[float] = None  # secure_mode: every released value is a multiple of it (a power of 2)
 
     @property
     def is_private(self) -> bool:
@@ -153,7 +156,22 @@ def _norm_of(mech: DPMechanism) -> str:
 
 
 def _calibrate(mech: DPMechanism, sensitivity: float, epsilon: float, delta: float) -> tuple[float, float]:
-    """(scale, delta used): pure DP where the mechanism offers it (Laplace), else (epsilon, delta)."""
+    """(scale, delta used): pure DP where the mechanism offers it (Laplace), else (epsilon, delta).
+
+    dpfa's own mechanisms have no state, so their answers are cached (the analytic
+    Gaussian's root finding costs more than the attention on small shapes); a user's
+    mechanism is asked every time."""
+    if type(mech).__module__.startswith("dpfa.mechanisms.") and not vars(mech):
+        return _calibrate_builtin(type(mech), sensitivity, epsilon, delta)
+    return _calibrate_uncached(mech, sensitivity, epsilon, delta)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate_builtin(cls, sensitivity: float, epsilon: float, delta: float) -> tuple[float, float]:
+    return _calibrate_uncached(cls(), sensitivity, epsilon, delta)
+
+
+def _calibrate_uncached(mech: DPMechanism, sensitivity: float, epsilon: float, delta: float) -> tuple[float, float]:
     if mech.sensitivity_norm == "l1":
         try:
             return mech.calibrate(sensitivity, epsilon, 0.0), 0.0
@@ -302,6 +320,7 @@ def dp_flash_attn_func(
     head_weights: Optional[Sequence[float]] = None,
     seed: Optional[int] = None,
     return_privacy_stats: bool = False,
+    secure_mode: bool = False,
 ):
     """Differentially private attention output: ``cap``-ped, ``clip``-ped attention + noise.
 
@@ -316,12 +335,21 @@ def dp_flash_attn_func(
     of it (reproducible); None draws it from the OS CSPRNG. Gradients are those of the
     clipped, capped attention (the noise is an additive constant).
 
+    ``secure_mode=True`` (Mironov 2012; Jin et al. 2022): the discrete Gaussian with the
+    noise keyed by the OS CSPRNG (``seed`` must stay None; ``mechanism`` must be the
+    default "gaussian" or "discrete_gaussian"), released exactly on a grid of step 2^-k
+    after randomised rounding, the rounding counted in the sensitivity (see
+    :func:`_secure_release`); ``stats.grid_step`` is 2^-k. Float32 outputs are exactly on the
+    grid; fp16/bf16 outputs are the grid values rounded to that type (post-processing).
+
     Returns O (B, Nq, H, D), and ``(O, PrivacyStats)`` with ``return_privacy_stats``.
     """
+    if secure_mode:
+        mechanism = _secure_mechanism(mechanism, seed)
     epsilon, delta, value_clip, score_cap, record_size, head_epsilons, seed = _check_inputs(
         q, k, epsilon, delta, value_clip, score_cap, record_size, head_epsilons, seed)
     mech = mechanism_registry.resolve(mechanism)
-    norm = _norm_of(mech)
+    norm = "l2" if secure_mode else _norm_of(mech)  # secure: one unit per (row, head), grid handled below
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ShapeError(f"Expected q of rank 4 (batch, seqlen, heads, head_dim), got {getattr(q, 'shape', q)!r}.")
     B, Nq, H, D = q.shape
@@ -335,13 +363,18 @@ def dp_flash_attn_func(
     if head_epsilons is not None and shares is not None:
         raise PrivacyParameterError("Give either head_epsilons or strategy='importance' with head_weights, not both.")
 
-    n = visible_keys(B, Nq, Nk, causal, key_padding_mask, q.device)
-    R = int((n > 0).sum(dim=1).max().item()) if B > 0 else 0
-    delta_rows = row_sensitivity(n, score_cap, value_clip, record_size, q.dtype)  # (B, Nq) float64
-    n_max = int(n.max().item()) if n.numel() else 0
+    rows_key = (Nq, Nk, bool(causal), score_cap, value_clip, record_size, q.dtype)
+    if key_padding_mask is None:  # n depends on the shapes alone: computed once on the host, no device sync
+        _, R, n_max, per_row = _rows_on_host(*rows_key)
+        delta_rows = _rows_on_device(*rows_key, q.device).expand(B, Nq)
+    else:
+        n = visible_keys(B, Nq, Nk, causal, key_padding_mask, q.device)
+        R = int((n > 0).sum(dim=1).max().item()) if B > 0 else 0
+        delta_rows = row_sensitivity(n, score_cap, value_clip, record_size, q.dtype)  # (B, Nq) float64
+        n_max = int(n.max().item()) if n.numel() else 0
+        per_row = delta_rows.max().item() if delta_rows.numel() else 0.0
     w_min = 1.0 / (1.0 + max(n_max - record_size, 0) / record_size * math.exp(-2.0 * score_cap))
     plan = _plan(mech, norm, max(R, 1), H, D, epsilon, delta, head_epsilons, shares, w_min)
-    scales = torch.tensor(plan.scales, dtype=torch.float64, device=q.device)  # (H,)
     events = _events(mech, plan, max(R, 1))
 
     clip_norm = "l1" if norm == "l1" else "l2"
@@ -349,9 +382,20 @@ def dp_flash_attn_func(
                  score_cap=score_cap, score_cap_mode=score_cap_mode, value_clip=value_clip,
                  value_clip_norm=clip_norm)
     noise = None
-    if any(s > 0 for s in plan.scales):
-        noise = _noise(mech, norm, plan, scales, delta_rows, q, seed)
+    sampler = getattr(mech, "triton_sampler", None) if runs_kernels(q) else None
+    if any(s > 0 for s in plan.scales) and not secure_mode:
+        if key_padding_mask is None and sampler is not None and norm != "l2_grid":
+            # the hot path: Delta_i * s_h from the host cache, on the device already
+            noise = EpilogueNoise(sigma=_sigma_on_device(rows_key, tuple(plan.scales), q.device).expand(B, H, Nq),
+                                  sampler=sampler, seed=seed)
+        else:
+            scales = torch.tensor(plan.scales, dtype=torch.float64, device=q.device)  # (H,)
+            noise = _noise(mech, norm, plan, scales, delta_rows, q, seed)
     out = flash_attn_with_hooks(q, k, v, noise=noise, **hooks)
+    grid_step = None
+    if secure_mode:
+        scales = torch.tensor(plan.scales, dtype=torch.float64, device=q.device)  # (H,)
+        out, grid_step, row_grid = _secure_release(out, scales, delta_rows, value_clip)
     if not return_privacy_stats:
         return out
     if head_epsilons is not None:
@@ -359,15 +403,95 @@ def dp_flash_attn_func(
         delta_spent = delta if math.isfinite(eps_spent) else 1.0
     else:
         eps_spent, delta_spent = plan.epsilon, (plan.delta if math.isfinite(plan.epsilon) else 1.0)
-    per_row = delta_rows.max().item() if delta_rows.numel() else 0.0
-    if norm == "l2_grid":  # noise of scale s (grid units) on a grid of step Delta_i / (k sqrt(D))
+    if secure_mode:  # noise of scale s (Delta_i 2^k + sqrt(D)) grid steps of 2^-k
+        per_head = [s * row_grid * grid_step for s in plan.scales]
+    elif norm == "l2_grid":  # noise of scale s (grid units) on a grid of step Delta_i / (k sqrt(D))
         per_head = [s * per_row / (GRID_STEPS * math.sqrt(D)) for s in plan.scales]
     else:
         per_head = [s * per_row for s in plan.scales]
     stats = PrivacyStats(epsilon_spent=float(eps_spent), delta_spent=float(delta_spent), mechanism=mech.name,
                          noise_scale_per_head=tuple(per_head), max_sensitivity=float(per_row),
-                         records_visible_rows=R, events=events, seed=seed)
+                         records_visible_rows=R, events=events, seed=seed, grid_step=grid_step)
     return out, stats
+
+
+def clear_caches() -> None:
+    """Forget the cached calibrations and row sensitivities (tests that patch them call this)."""
+    for f in (_calibrate_builtin, _rows_on_host, _rows_on_device, _sigma_on_device):
+        f.cache_clear()
+
+
+@functools.lru_cache(maxsize=128)
+def _rows_on_host(Nq, Nk, causal, score_cap, value_clip, record_size, dtype):
+    """(Delta per row (Nq,) float64 on the CPU, R, n_max, max Delta) without a padding mask."""
+    n = visible_keys(1, Nq, Nk, causal, None, "cpu")[0]
+    delta = row_sensitivity(n, score_cap, value_clip, record_size, dtype)
+    return delta, int((n > 0).sum()), int(n.max()), float(delta.max())
+
+
+@functools.lru_cache(maxsize=128)
+def _rows_on_device(Nq, Nk, causal, score_cap, value_clip, record_size, dtype, device):
+    return _rows_on_host(Nq, Nk, causal, score_cap, value_clip, record_size, dtype)[0].to(device)[None, :]
+
+
+@functools.lru_cache(maxsize=128)
+def _sigma_on_device(rows_key, scales: tuple, device) -> torch.Tensor:
+    """(1, H, Nq) float32 noise scales Delta_i * s_h (rounded up), made on the host once."""
+    delta = _rows_on_host(*rows_key)[0]
+    sigma = _f32_up(delta[None, :] * torch.tensor(scales, dtype=torch.float64)[:, None])
+    return sigma.to(device)[None]
+
+
+def _secure_mechanism(mechanism, seed) -> DPMechanism:
+    """secure_mode's mechanism: the discrete Gaussian; refuses a seed and any other mechanism."""
+    if seed is not None:
+        raise PrivacyParameterError(
+            f"secure_mode=True keys the noise from the OS CSPRNG; got seed={seed!r}, which would make the noise "
+            "reproducible by whoever knows it. Pass seed=None.")
+    mech = mechanism_registry.resolve(mechanism)
+    if mech.name not in ("gaussian", "discrete_gaussian"):
+        raise PrivacyParameterError(
+            f"secure_mode=True releases through the discrete Gaussian on a grid; got mechanism={mech.name!r}. "
+            "Leave mechanism at its default ('gaussian', replaced by 'discrete_gaussian') or pass "
+            "'discrete_gaussian'.")
+    return mechanism_registry.resolve("discrete_gaussian")
+
+
+def _secure_release(out: torch.Tensor, scales: torch.Tensor, delta_rows: torch.Tensor, value_clip: float):
+    """secure_mode's release of the clipped, capped attention ``out``: (released, grid step, largest row
+    sensitivity in grid units).
+
+    One grid 2^-k for the call, k = :func:`~dpfa.mechanisms.secure.grid_bits_for` (Delta_min, D,
+    1 / GRID_STEPS), so 2^-k sqrt(D) <= Delta_i / GRID_STEPS for every row that sees a key.
+    Row i of head h is released as (R(O 2^k) + Z) 2^-k (randomised rounding, integer noise
+    N_Z(0, (s_h S_i)^2), S_i = Delta_i 2^k + sqrt(D): :mod:`dpfa.mechanisms.secure`). For
+    every value of the rounding's uniforms (the coupling of that module's proof), a record
+    moves row i's integers by at most S_i in L2 and leaves the rows that cannot see it
+    unchanged, so the call's RDP is the sum over (row, head) of alpha S_i^2 / (2 (s_h S_i)^2):
+    that of the Gaussian plan with unit sensitivity, which ``_plan`` calibrated. O is
+    computed, clipped, in float32 by the kernel and rounded to its dtype; Delta_i
+    (``row_sensitivity``) already covers both roundings, and O 2^k is exact.
+    """
+    B, Nq, H, D = out.shape
+    seen = delta_rows > 0  # (B, Nq)
+    if bool((scales == 0).any()):
+        raise PrivacyParameterError("secure_mode=True needs a finite budget on every head (noise on every value).")
+    if not bool(seen.any()):  # no row sees a key: the output is 0 whatever the store
+        return out, 1.0, 0.0
+    k = grid_bits_for(float(delta_rows[seen].min()), D, 1.0 / GRID_STEPS)
+    rows = torch.where(seen, rounded_sensitivity(delta_rows, D, k), torch.zeros_like(delta_rows))  # (B, Nq)
+    sigma = rows[:, :, None, None] * scales.to(rows)[None, None, :, None]  # (B, Nq, H, 1) grid units
+    if out.dtype == torch.float32:  # a public bound on |R(O 2^k) + Z|: |O| <= C (1 + u), Z within 40 scales
+        bound = value_clip * (1.0 + 2.0**-8) * 2.0**k + 1.0 + 40.0 * float(sigma.max())
+        if bound >= 2.0**24:
+            raise PrivacyParameterError(
+                f"secure_mode: the grid values (up to {bound:.3g} steps of 2^-{k}) do not fit exactly in float32 "
+                "(2^24); use a larger epsilon or fewer query rows per call.")
+    released = grid_release(out.detach(), k, sigma)  # float64, on the grid; fresh CSPRNG key
+    released = released.to(out.dtype)
+    if out.requires_grad:  # gradients of the clipped, capped attention; the value is the release
+        released = released + (out - out.detach())
+    return released, 2.0**-k, float(rows.max())
 
 
 def _f32_up(t: torch.Tensor) -> torch.Tensor:
@@ -434,6 +558,8 @@ class DPFlashAttention(nn.Module):
     or ``strategy="importance"`` with ``head_weights`` to split one budget across heads.
     Keys and values are the private records (one record = ``record_size`` positions of the
     key/value sequence); queries are public. ``get_privacy_spent()`` composes every call so far.
+    ``secure_mode=True``: every call releases through the secure grid release (see
+    :func:`dp_flash_attn_func`), keyed by the OS CSPRNG; ``forward(..., seed=...)`` is then refused.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
@@ -443,7 +569,7 @@ class DPFlashAttention(nn.Module):
                  score_cap: float = DEFAULT_SCORE_CAP, score_cap_mode: str = "clamp", record_size: int = 1,
                  head_epsilons: Optional[Sequence[float]] = None, strategy: Optional[str] = None,
                  head_weights: Optional[Sequence[float]] = None, causal: bool = False,
-                 accountant: Optional[str] = None) -> None:
+                 accountant: Optional[str] = None, secure_mode: bool = False) -> None:
         super().__init__()
         if dropout != 0.0:
             raise PrivacyParameterError(f"dropout={dropout!r} is not supported by DPFlashAttention; only 0.0.")
@@ -463,14 +589,15 @@ class DPFlashAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, **kw)
         self.privacy = dict(epsilon=epsilon, delta=delta, mechanism=mechanism, value_clip=value_clip,
                             score_cap=score_cap, score_cap_mode=score_cap_mode, record_size=record_size,
-                            head_epsilons=head_epsilons, strategy=strategy, head_weights=head_weights)
+                            head_epsilons=head_epsilons, strategy=strategy, head_weights=head_weights,
+                            secure_mode=bool(secure_mode))
         self.causal = bool(causal)
         # check the budget now, not at the first forward: the checks and the calibration of a
         # call on a store of one record
         probe = torch.empty(1, record_size, num_heads, self.head_dim, device="meta")
         _check_inputs(probe, probe, epsilon, delta, value_clip, score_cap, record_size, head_epsilons, 0)
-        mech = mechanism_registry.resolve(mechanism)
-        _plan(mech, _norm_of(mech), 1, num_heads, self.head_dim, float(epsilon), delta,
+        mech = _secure_mechanism(mechanism, None) if secure_mode else mechanism_registry.resolve(mechanism)
+        _plan(mech, "l2" if secure_mode else _norm_of(mech), 1, num_heads, self.head_dim, float(epsilon), delta,
               head_epsilons, _head_shares(num_heads, strategy, head_weights))
         self._accountant_name = accountant or ("pld" if mech.has_curve("pld") else "rdp")
         self._accountant = accountant_registry.get(self._accountant_name)()

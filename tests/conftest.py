@@ -20,3 +20,13 @@ def gen():
     g = torch.Generator()
     g.manual_seed(20261125)
     return g
+
+
+@pytest.fixture(autouse=True)
+def _fresh_attention_caches():
+    """The DP release caches calibrations and row sensitivities per shape; a test that patches
+    one of them (to check that a wrong bound is caught) must not meet another test's cache."""
+    from dpfa import attention
+    attention.clear_caches()
+    yield
+    attention.clear_caches()

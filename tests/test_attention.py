@@ -417,3 +417,62 @@ def test_release_noise_is_independent_across_rows_heads_batch_and_calls():
     for a, b in pairs:
         a, b = a.flatten().numpy(), b.flatten().numpy()
         assert abs(float(np.corrcoef(a, b)[0, 1])) < 5 / math.sqrt(len(a))
+
+
+# ------------------------------------------------------- secure_mode (issue 12, item 6)
+
+
+def test_secure_mode_releases_on_a_power_of_two_grid_with_the_rounding_in_the_sensitivity():
+    """Every value is a multiple of 2^-k (bitwise); the noise is the discrete Gaussian of scale
+    s (Delta 2^k + sqrt(D)) grid steps, s calibrated for unit sensitivity per (row, head)."""
+    B, Nq, Nk, H, D, eps, delta, C, b = 4, 32, 24, 2, 32, 2.0, 1e-5, 1.0, 1.0
+    q, k, v = _rand(B, Nq, H, D), _rand(B, Nk, H, D), _rand(B, Nk, H, D)
+    out, st = dp_flash_attn_func(q, k, v, epsilon=eps, delta=delta, value_clip=C, score_cap=b,
+                                 secure_mode=True, return_privacy_stats=True)
+    assert st.mechanism == "discrete_gaussian" and out.dtype == q.dtype
+    bits = -math.log2(st.grid_step)
+    assert bits == int(bits)
+    units = out.double().cpu() / st.grid_step
+    assert torch.equal(units, torch.floor(units))
+    delta_row = st.max_sensitivity
+    assert math.sqrt(D) * st.grid_step <= delta_row / GRID_STEPS  # the rounding costs at most 1/16
+    clean = dp_flash_attn_func(q, k, v, epsilon=math.inf, delta=delta, value_clip=C, score_cap=b)
+    mech = mechanisms.get("discrete_gaussian")()
+    s = mech.calibrate(math.sqrt(Nq * H), eps, delta)
+    sigma_g = s * (delta_row / st.grid_step + math.sqrt(D))
+    z = (out.double().cpu() - clean.double().cpu()) / st.grid_step  # noise + rounding error (|.| < 1)
+    assert abs(z.var().item() / sigma_g**2 - 1) < 0.1
+    assert st.noise_scale_per_head[0] == pytest.approx(sigma_g * st.grid_step, rel=1e-6)
+    acc = accountants.get("rdp")()
+    for e in st.events:
+        acc.compose_event(e)
+    assert acc.get_epsilon(delta) <= eps * (1 + 1e-3)  # the order grid vs calibrate's continuous order
+
+
+def test_secure_mode_causal_rows_and_the_module():
+    B, Nq, Nk, H, D = 1, 10, 12, 2, 16
+    q, k, v = _rand(B, Nq, H, D), _rand(B, Nk, H, D), _rand(B, Nk, H, D)
+    out, st = dp_flash_attn_func(q, k, v, causal=True, epsilon=1.0, delta=1e-5, secure_mode=True,
+                                 return_privacy_stats=True)
+    units = out.double().cpu() / st.grid_step
+    assert torch.equal(units, torch.floor(units))
+    m = DPFlashAttention(32, 2, epsilon=1.0, delta=1e-5, batch_first=True, secure_mode=True)
+    x = torch.randn(2, 6, 32)
+    m(x, x, x)
+    assert m._accountant_name == "rdp"
+    assert m.get_privacy_spent()[0] == pytest.approx(1.0, rel=1e-3)
+    with pytest.raises(PrivacyParameterError, match="seed"):
+        m(x, x, x, seed=3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(seed=7), "seed"),
+    (dict(mechanism="laplace"), "mechanism"),
+    (dict(epsilon=math.inf), "finite budget"),
+])
+def test_secure_mode_refuses_a_seed_another_mechanism_and_no_noise(kwargs, match):
+    q = _rand(1, 4, 1, 16)
+    args = dict(epsilon=1.0, delta=1e-5, secure_mode=True)
+    args.update(kwargs)
+    with pytest.raises(PrivacyParameterError, match=match):
+        dp_flash_attn_func(q, q, q, **args)

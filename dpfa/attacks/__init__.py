@@ -14,6 +14,10 @@
 - :mod:`~dpfa.attacks.one_run`: the one-run audit (Steinke, Nasr & Jagielski 2023).
 - :mod:`~dpfa.attacks.release_audit`: :func:`audit_attention_release`, the DP attention
   release on its worst-case pair of stores.
+- :mod:`~dpfa.attacks.whitebox_audit`: :func:`audit_dpsgd_whitebox`, the engine's steps with a
+  gradient canary, the empirical GDP mu against the accountant's (Nasr et al. 2023).
+- :mod:`~dpfa.attacks.timing`: the exact discrete Gaussian sampler's running time against
+  sigma and |value| (Welch t-tests; Jin et al. 2022).
 - :mod:`~dpfa.attacks.privacy_check`: :func:`privacy_check`, all the quick audits in one
   report (``dpfa check`` on the command line).
 - :mod:`~dpfa.attacks.runner`: the membership-inference audit of DP-SGD at several epsilons
@@ -34,6 +38,8 @@ from dpfa.attacks.one_run import (OneRunAuditResult, canary_inclusion, one_run_a
                                   one_run_p_value)
 from dpfa.attacks.release_audit import audit_attention_release
 from dpfa.attacks.privacy_check import PrivacyCheckReport, privacy_check
+from dpfa.attacks.whitebox_audit import WhiteBoxAuditResult, accountant_mu, audit_dpsgd_whitebox, empirical_mu
+from dpfa.attacks.timing import TimingReport, WelchResult, exact_sampler_timing_report, welch_timing_test
 
 __all__ = [
     "EpsilonBound", "clopper_pearson", "clopper_pearson_lower", "clopper_pearson_upper", "epsilon_from_rates",
@@ -44,4 +50,6 @@ __all__ = [
     "train_shadow_models", "LiraRun", "lira_attack", "lira_inclusion", "lira_leave_one_out", "lira_scores",
     "logit_scaled_confidence", "run_lira", "OneRunAuditResult", "canary_inclusion", "one_run_audit",
     "one_run_epsilon_lower_bound", "one_run_p_value",
+    "WhiteBoxAuditResult", "accountant_mu", "audit_dpsgd_whitebox", "empirical_mu",
+    "TimingReport", "WelchResult", "exact_sampler_timing_report", "welch_timing_test",
 ]

@@ -142,15 +142,29 @@ _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY[:6], prune_configs_by
 _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY[:6], prune_configs_by=_pruner("dq"))(flash_bwd_dq_kernel)
 
 
+#: (pass, tuning key, dtype) -> the config the autotuner chose: later calls launch the kernel
+#: directly (triton.autotune's own dispatch costs ~0.1 ms of CPU a call, more than a small
+#: attention takes on the GPU)
+_TUNED: dict = {}
+
+
 def _launch(kernel, tuned, which: str, grid_of, args: dict, tune_q: int, tune_k: int):
-    """Launch with the autotuner on a GPU, or with one fixed config."""
+    """Launch with the autotuner's choice on a GPU (tuned once per key), or with one fixed config."""
     if _interpreting() or not _autotune_enabled():
         fixed = _INTERPRET_FIXED if _interpreting() else (_GPU_FIXED_BIG_D if args["BLOCK_D"] > 128 else _GPU_FIXED)
         bm, bn, w, s = fixed[which]
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn}
-        kernel[grid_of(meta)](**args, **meta, tune_q=tune_q, tune_k=tune_k, num_warps=w, num_stages=s)
     else:
-        tuned[lambda meta: grid_of(meta)](**args, tune_q=tune_q, tune_k=tune_k)
+        key = (which, tune_q, tune_k, args["Q"].dtype, args["Q"].device.index,
+               *(args[name] for name in _TUNE_KEY[2:] if name in args))
+        choice = _TUNED.get(key)
+        if choice is None:
+            tuned[lambda meta: grid_of(meta)](**args, tune_q=tune_q, tune_k=tune_k)
+            best = tuned.best_config
+            _TUNED[key] = (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages)
+            return
+        bm, bn, w, s = choice
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+    kernel[grid_of(meta)](**args, **meta, tune_q=tune_q, tune_k=tune_k, num_warps=w, num_stages=s)
 
 
 def _bucket(n: int) -> int:

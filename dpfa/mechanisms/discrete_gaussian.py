@@ -230,26 +230,31 @@ def sample_exact(n: int, sigma: Rational, rng: Optional[random.Random] = None) -
 # --------------------------------------------------------------- torch reference sampler
 
 
-def _sample_torch(numel: int, sigma: float, generator: Optional[torch.Generator], device: Any) -> torch.Tensor:
+def _sample_torch(numel: int, sigma, generator: Optional[torch.Generator], device: Any) -> torch.Tensor:
     """``numel`` samples of N_Z(0, sigma^2) as int64: the device sampler's algorithm, in torch float64.
 
     Round: E1, E2, E3 ~ Exp(1) (as -log(1 - U), U in [0, 1) with 53 bits, so never log 0),
     Y = floor(sigma E1) - floor(sigma E2) (a discrete Laplace of scale sigma), accept iff
     E3 >= (|Y| - sigma)^2 / (2 sigma^2). See ``discrete_gaussian_sampler`` for the proof
     that the accepted law is N_Z(0, sigma^2). Rounds repeat on the still-pending elements.
+    ``sigma``: a float, or a float64 tensor of ``numel`` per-element parameters (sigma = 0
+    gives 0 there); a float draws the same numbers as a tensor filled with it.
     """
     out = torch.zeros(numel, dtype=torch.int64, device=device)
-    if numel == 0 or sigma == 0.0:
-        return out
-    pending = torch.arange(numel, device=device)
-    inv_two_var = 0.5 / (sigma * sigma)
+    if isinstance(sigma, torch.Tensor):
+        sig = sigma.to(device=device, dtype=torch.float64).reshape(-1).expand(numel)
+        pending = torch.nonzero(sig > 0).flatten()
+    else:
+        sig = torch.full((numel,), float(sigma), dtype=torch.float64, device=device)
+        pending = torch.arange(numel, device=device) if sigma > 0 else out[:0]
     while pending.numel() > 0:
         m = pending.numel()
+        s = sig[pending]
         u = torch.rand((3, m), generator=generator, device=device, dtype=torch.float64)
         e = -torch.log1p(-u)
-        y = torch.floor(sigma * e[0]) - torch.floor(sigma * e[1])
-        d = y.abs() - sigma
-        accept = e[2] >= d * d * inv_two_var
+        y = torch.floor(s * e[0]) - torch.floor(s * e[1])
+        d = y.abs() - s
+        accept = e[2] >= d * d * (0.5 / (s * s))
         out[pending[accept]] = y[accept].to(torch.int64)
         pending = pending[~accept]
     return out

@@ -39,13 +39,29 @@ class PrivacyEngine:
     ``secure_rng=True`` draws every noise and sampling seed from the OS CSPRNG
     (``secrets``); otherwise generators are seeded from ``seed`` (reproducible runs, not
     secure against an adversary who learns the seed).
+
+    ``secure_mode=True`` (Mironov 2012; Jin et al. 2022): the noisy clipped sum is released
+    by :class:`dpfa.mechanisms.secure.SecureGridRelease` (randomised rounding to a grid 2^-k,
+    the rounding counted in the sensitivity, integer discrete Gaussian noise keyed by the OS
+    CSPRNG), accounted as the discrete Gaussian by the RDP accountant (``accountant=None``
+    picks it; "prv"/"pld" are refused), with ``secure_rng`` on; ``seed`` must be None and
+    ``mechanism`` "gaussian" (the default) or "discrete_gaussian". Single process, flat clipping.
     """
 
-    def __init__(self, accountant: str = "prv", mechanism="gaussian", secure_rng: bool = False,
-                 seed: Optional[int] = None):
-        self.accountant = accountants.create(accountant)
+    def __init__(self, accountant: Optional[str] = None, mechanism="gaussian", secure_rng: bool = False,
+                 seed: Optional[int] = None, secure_mode: bool = False):
+        self.secure_mode = bool(secure_mode)
+        if self.secure_mode:  # secure_mode: checks and the discrete Gaussian (dpfa.mechanisms.secure)
+            if seed is not None or accountant not in (None, "rdp") or mechanisms.resolve(mechanism).name not in (
+                    "gaussian", "discrete_gaussian"):
+                raise PrivacyParameterError(
+                    f"secure_mode=True needs seed=None (the noise is keyed by the OS CSPRNG), accountant='rdp' or None "
+                    f"(the discrete Gaussian has an RDP curve only) and mechanism 'gaussian' or 'discrete_gaussian'; "
+                    f"got seed={seed!r}, accountant={accountant!r}, mechanism={mechanism!r}.")
+            accountant, mechanism, secure_rng = "rdp", "discrete_gaussian", True
+        self.accountant = accountants.create("prv" if accountant is None else accountant)
         self.mechanism = mechanisms.resolve(mechanism)
-        if self.mechanism.name not in ENGINE_MECHANISMS:
+        if self.mechanism.name not in ENGINE_MECHANISMS and not self.secure_mode:
             raise PrivacyParameterError(
                 f"The DP-SGD engine supports mechanism in {ENGINE_MECHANISMS}, got {self.mechanism.name!r}."
             )
@@ -146,6 +162,11 @@ class PrivacyEngine:
                                                     accountant=self.accountant.name, mechanism=self.mechanism,
                                                     sampling=self.sampling)
         self.noise_multiplier = _validate.noise_multiplier(noise_multiplier)
+        try:  # dry run: an accountant that cannot account the step must refuse now, not after the first release
+            self._event_accountant(1)
+        except DPFAError:
+            self.noise_multiplier = None
+            raise
         if self.noise_multiplier == 0:
             warnings.warn("noise_multiplier=0: training is NOT private (epsilon = inf); use it only to check "
                           "exactness.", stacklevel=2)
@@ -166,7 +187,7 @@ class PrivacyEngine:
         converted, replaced = convert_multihead_attention(hooked)
         remap_optimizer(optimizer, replaced)
         module = converted if hooked is module else module
-        collector = GradSampleCollector(converted, loss_reduction=loss_reduction)
+        collector = GradSampleCollector(converted, loss_reduction=loss_reduction, batch_info=self.batch_info)
         thresholds = None
         if clipping == "per_layer":
             cs = per_layer_thresholds(collector.parameters, self.max_grad_norm, per_layer_norms)
@@ -176,7 +197,7 @@ class PrivacyEngine:
             expected_batch_size=batch_size, mechanism=self.mechanism, clipping=clipping,
             per_layer_thresholds=thresholds, noise_generator=self._noise_generator,
             before_step=self._before_step, after_step=self._after_step, batch_info=self.batch_info,
-            reducer=reducer,
+            reducer=reducer, secure_mode=self.secure_mode,
         )
         loader = DPDataLoader(dataset, sampler, collate_fn=data_loader.collate_fn,
                               max_physical_batch_size=max_physical_batch_size, info=self.batch_info,

@@ -7,6 +7,12 @@ parameter, divides by the expected batch size and lets the wrapped optimizer ste
 
     grad = (sum_i c_i grad_i + z) / E[B],   z ~ mechanism(scale = sigma C).
 
+Gradient accumulation (several forward/backward passes, then one ``step()``) and virtual
+steps (``step()`` after every physical batch) both equal one step on the union of the
+physical batches, as long as they are physical batches of ONE logical batch: a step that
+would release gradients of two logical batches is refused (the accountant records one
+sampled batch per step).
+
 Under torch.distributed a ``reducer`` (distributed.py) sums the ranks' clipped sums before
 the division; only the rank whose ``reducer.adds_noise`` is true adds z, so it is added
 once in total.
@@ -22,6 +28,7 @@ from torch import nn
 
 from dpfa.errors import DPFAError
 from dpfa.mechanisms.base import DPMechanism
+from dpfa.mechanisms.secure import SecureGridRelease
 from dpfa.training.clipping import clipped_grads
 from dpfa.training.collector import GradSampleCollector
 
@@ -35,7 +42,8 @@ class DPOptimizer:
                  per_layer_thresholds: Optional[Dict[nn.Parameter, float]] = None,
                  noise_generator: Callable[[torch.device], Optional[torch.Generator]] = lambda d: None,
                  before_step: Callable[[], None] = lambda: None, after_step: Callable[[], None] = lambda: None,
-                 batch_info: Optional[object] = None, reducer: Optional[Callable] = None):
+                 batch_info: Optional[object] = None, reducer: Optional[Callable] = None,
+                 secure_mode: bool = False):
         self.original_optimizer = optimizer
         self.collector = collector
         self.noise_multiplier = noise_multiplier
@@ -49,8 +57,14 @@ class DPOptimizer:
         self.after_step = after_step
         self.batch_info = batch_info
         self.reducer = reducer
+        # secure_mode (PrivacyEngine(secure_mode=True)): the noisy clipped sum is released through
+        # dpfa.mechanisms.secure.SecureGridRelease (randomised rounding to 2^-k + integer noise)
+        self.secure_mode = bool(secure_mode)
+        if self.secure_mode and reducer is not None:
+            raise DPFAError("secure_mode is single-process: the ranks' sums would be added after the grid release.")
         self.norm = "l1" if mechanism.sensitivity_norm == "l1" else "l2"
         self.summed: Dict[nn.Parameter, torch.Tensor] = {}
+        self.summed_logical: set = set()  # the logical batches whose clipped sums are in self.summed
         self.physical_batches = 0
         self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         untracked = [p for p in self.params if all(p is not q for q in collector.parameters)]
@@ -84,8 +98,26 @@ class DPOptimizer:
     def _end_of_logical_batch(self) -> bool:
         return True if self.batch_info is None else bool(getattr(self.batch_info, "end_of_logical_batch", True))
 
+    def _check_one_logical_batch(self) -> None:
+        """Refuse to mix logical batches in one step: the accountant would under-count the sampled batches."""
+        current = getattr(self.batch_info, "logical_batch", None)
+        if current is not None and self.summed_logical and current not in self.summed_logical:
+            warnings.warn(f"Dropping the partial clipped sum of logical batch(es) {sorted(self.summed_logical)}: the "
+                          "loader moved on before their last physical batch was stepped (nothing was released).",
+                          stacklevel=4)
+            self.summed, self.summed_logical = {}, set()
+        tags = self.collector.logical_batches() | self.summed_logical
+        if len(tags) > 1 or (current is not None and tags and tags != {current}):
+            raise DPFAError(
+                f"optimizer.step() would release per-example gradients of logical batches {sorted(tags)} (the loader "
+                f"is at logical batch {current}) in one step, but the accountant records one sampled batch per step. "
+                "Call optimizer.step() at the end of every logical batch (zero_grad() drops the backward passes not "
+                "yet stepped); for larger batches raise batch_size and set max_physical_batch_size."
+            )
+
     def _accumulate(self) -> None:
         """Add this physical batch's clipped sum to the logical batch's."""
+        self._check_one_logical_batch()
         if not self.collector.has_contributions():
             last = None if self.batch_info is None else getattr(self.batch_info, "last_batch_size", None)
             if last != 0:
@@ -100,21 +132,28 @@ class DPOptimizer:
                     "collectives need every rank)."
                 )
             return
-        sums = clipped_grads(self.collector.contributions, self.max_grad_norm, self.clipping, self.norm,
-                             self.per_layer_thresholds)
-        for p, s in sums.items():
-            self.summed[p] = s if p not in self.summed else self.summed[p] + s
+        self.summed_logical |= self.collector.logical_batches()
+        for group in self.collector.groups():  # one group per backward pass: its own examples
+            sums = clipped_grads(group, self.max_grad_norm, self.clipping, self.norm, self.per_layer_thresholds)
+            for p, s in sums.items():
+                self.summed[p] = s if p not in self.summed else self.summed[p] + s
         self.collector.clear()
 
     def _add_noise(self) -> None:
         scale = self.noise_multiplier * self.max_grad_norm
         adds_noise = scale > 0 and (self.reducer is None or self.reducer.adds_noise)
         totals = {}
+        secure = None
+        if self.secure_mode and adds_noise:  # one release of all parameters: dim = their total size
+            secure = SecureGridRelease.for_sum(self.noise_multiplier, self.max_grad_norm,
+                                               sum(p.numel() for p in self.params))
         for p in self.params:
             total = self.summed.get(p)
             if total is None:  # p.shape: the full shape, also for a sharded parameter
                 total = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-            if adds_noise:
+            if secure is not None:  # float64, exactly on the grid; / E[B] below is post-processing
+                total = secure.release(total)
+            elif adds_noise:
                 noise = self.mechanism.sample(tuple(p.shape), scale, generator=self.noise_generator(p.device),
                                               device=p.device, dtype=torch.float32)
                 total = total + noise.to(total.dtype)
@@ -124,6 +163,7 @@ class DPOptimizer:
         for p, total in totals.items():
             p.grad = (total / self.expected_batch_size).to(p.dtype)
         self.summed = {}
+        self.summed_logical = set()
 
     def pre_step(self) -> bool:
         """Clip and accumulate; at the end of a logical batch add noise and return True."""
