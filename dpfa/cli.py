@@ -7,6 +7,9 @@
                       (exit status 1 when a lower bound exceeds its claim)
     dpfa audit        membership-inference audit of DP-SGD at several epsilons (LiRA, loss
                       attack, one-run audit); writes JSON and a markdown table
+    dpfa run          run an experiment config (experiments/configs/NAME.toml); resumable JSON
+                      and a markdown table in experiments/results/
+    dpfa figs         the paper's figures (paper_figs/) from the results JSON, as PNG and PDF
 
 Bad input never gives a traceback: the message names the value and what is allowed,
 and the exit status is 2.
@@ -182,6 +185,61 @@ def cmd_audit(args) -> int:
     return EXIT_CHECK_FAILED if failures else 0
 
 
+def cmd_run(args) -> int:
+    from dpfa.experiments import run_config
+
+    command = " ".join(["dpfa", *map(shlex.quote, args.argv)])
+    run = run_config(args.config, quick=args.quick, device=args.device, seeds=args.seeds, out_dir=args.out_dir,
+                     progress=True, command=command, log=lambda msg: print(f"dpfa: {msg}", file=sys.stderr))
+    print(run.markdown_path.read_text(), end="")
+    print(f"\nwrote {run.json_path} and {run.markdown_path} ({len(run.computed)} cells computed, "
+          f"{len(run.cached)} cached)")
+    return 0
+
+
+def cmd_figs(args) -> int:
+    from dpfa.experiments.figs import build_figures
+
+    for path in build_figures(args.results, args.out, only=args.only, log=lambda m: print(f"dpfa: {m}",
+                                                                                          file=sys.stderr)):
+        print(path)
+    return 0
+
+
+def _add_experiment_commands(sub) -> None:
+    p = sub.add_parser(
+        "run", help="run an experiment config (speed, language_model, image_classification, audit, accountants)",
+        description="Run the experiment of a TOML config (its 'experiment' key, else its file name: speed, "
+                    "language_model, image_classification, audit, accountants) and write OUT_DIR/NAME.json (config, "
+                    "environment, device, git commit, seeds, every number) and OUT_DIR/NAME.md (the table). A cell "
+                    "(one training run, one accountant curve) already in the JSON with the same settings is not "
+                    "recomputed, so an interrupted run resumes. speed needs a CUDA GPU and refuses on a CPU.",
+        epilog="Example: dpfa run experiments/configs/language_model.toml --quick")
+    p.add_argument("config", metavar="CONFIG.toml",
+                   help="an experiment config, e.g. experiments/configs/accountants.toml")
+    p.add_argument("--quick", action="store_true",
+                   help="the config's [quick] table: a reduced run, minutes on a CPU; writes NAME_quick.json/.md")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="where models train (default: cuda if a GPU is visible, else cpu)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="use seeds 0..N-1 instead of the config's seeds (privacy-utility configs)")
+    p.add_argument("--out-dir", default="experiments/results", metavar="DIR",
+                   help="where NAME.json and NAME.md go (default: experiments/results)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("figs", help="build the paper's figures from the results JSON",
+                       description="Run every paper_figs/fig_*.py script (each reads only results JSON, never "
+                                   "trains) and write PNG and PDF files into OUT. Needs matplotlib and a checkout "
+                                   "of the repository (paper_figs/).")
+    p.add_argument("--results", default="experiments/results", metavar="DIR",
+                   help="where the results JSON are (default: experiments/results)")
+    p.add_argument("--out", default="paper_figs/out", metavar="DIR", help="where the figures go (default: "
+                   "paper_figs/out)")
+    p.add_argument("--only", nargs="*", default=None, metavar="NAME",
+                   help="figure names to build, e.g. privacy_utility speed (default: all)")
+    p.set_defaults(func=cmd_figs)
+
+
 def _add_common(p: argparse.ArgumentParser, accountant: bool = True) -> None:
     p.add_argument("--mechanism", default="gaussian",
                    help="noise mechanism, a registered name: gaussian (L2), laplace (L1), discrete_gaussian "
@@ -282,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (paths, computed and cached cells, the table) instead of the table")
     p.set_defaults(func=cmd_audit)
+    _add_experiment_commands(sub)
     return parser
 
 
