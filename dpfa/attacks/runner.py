@@ -45,7 +45,6 @@ import math
 import numbers
 import os
 import platform
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -55,6 +54,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dpfa._results import git_state as _git, jsonable as _jsonable, read_toml, write_atomic as _write  # noqa: F401
 from dpfa.errors import ConfigError, DPFAError
 
 __all__ = ["ModelConfig", "TrainConfig", "LiraConfig", "OneRunConfig", "AuditConfig", "QUICK", "load_config",
@@ -307,29 +307,6 @@ def _config_from_dict(data: Mapping, quick: bool) -> AuditConfig:
             raise ConfigError(f"Unknown key {key!r}; expected one of "
                               f"{', '.join(TOP_KEYS + tuple(f'[{s}]' for s in SECTIONS) + ('[quick]',))}.")
     return AuditConfig(**kwargs)
-
-
-def read_toml(path) -> dict:
-    """Parse a TOML file (tomllib; tomli on Python 3.10), every failure a :class:`ConfigError` naming the file."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise ConfigError("Reading a TOML config needs Python >= 3.11 (tomllib) or, on 3.10, the tomli package: "
-                              "pip install tomli.") from None
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"Config file {p} does not exist.") from None
-    except OSError as e:
-        raise ConfigError(f"Cannot read config file {p}: {e}.") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p} is not valid TOML: {e}.") from None
 
 
 def load_config(path=None, *, quick: bool = False, epsilons=None, num_shadow_models: Optional[int] = None,
@@ -602,22 +579,6 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git() -> dict:
-    root = Path(__file__).resolve().parents[2]
-
-    def git(*args):
-        try:
-            r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return r.stdout.rstrip("\n") if r.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    commit = commit.strip() if commit else None
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "modified_files": [] if not status else [ln[3:] for ln in status.splitlines()]}
-
-
 def environment() -> dict:
     import scipy
     import sklearn
@@ -627,19 +588,6 @@ def environment() -> dict:
     return {"device": "cpu", "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "torch": torch.__version__, "numpy": np.__version__,
             "scipy": scipy.__version__, "scikit-learn": sklearn.__version__, "dpfa": dpfa.__version__}
-
-
-def _jsonable(x):
-    """Non-finite floats as strings ("inf"), tuples as lists, numpy scalars as Python numbers."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return x
 
 
 def _order(keys: Iterable[str]) -> List[str]:
@@ -695,12 +643,6 @@ def markdown_table(results: Mapping) -> str:
     if results.get("command"):
         notes.append(f"Command: `{results['command']}`")
     return "\n".join(lines + notes) + "\n"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclasses.dataclass(frozen=True)

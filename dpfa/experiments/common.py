@@ -1,7 +1,7 @@
 """What every experiment shares: typed TOML configs, provenance, the resumable results file, progress.
 
-Provenance (git state, environment, JSON encoding, atomic writes, TOML reading) is the
-audit runner's (:mod:`dpfa.attacks.runner`), imported here, not copied: ``dpfa audit`` and
+Provenance (git state, JSON encoding, atomic writes, TOML reading) is :mod:`dpfa._results`,
+shared with the audit runner (:mod:`dpfa.attacks.runner`, which also gives the CPU environment): ``dpfa audit`` and
 ``dpfa run`` write the same fields. This module adds the device (a GPU's name and the
 CUDA version) and a generic resumable store of cells.
 
@@ -27,11 +27,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from dpfa.attacks.runner import _git as git_state  # noqa: F401  (re-exported: the one implementation)
-from dpfa.attacks.runner import _jsonable as jsonable
-from dpfa.attacks.runner import _write as write_atomic
+from dpfa._results import git_state, jsonable, read_toml, write_atomic  # noqa: F401  (re-exported)
 from dpfa.attacks.runner import environment as _cpu_environment
-from dpfa.attacks.runner import epsilon_key, parse_epsilons, read_toml  # noqa: F401
+from dpfa.attacks.runner import epsilon_key, parse_epsilons  # noqa: F401
 from dpfa.errors import ConfigError, DPFAError
 
 __all__ = ["git_state", "jsonable", "write_atomic", "environment", "epsilon_key", "parse_epsilons", "read_toml",
