@@ -102,6 +102,15 @@ def test_speed_refuses_on_cpu(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_speed_quick_on_cpu_times_the_training_step_only(tmp_path):
+    """--quick runs every config on a CPU: for speed that is the training-step table (the
+    attention tables time Triton kernels and need a GPU)."""
+    run = run_config(CONFIGS / "speed.toml", quick=True, device="cpu", out_dir=tmp_path, progress=False)
+    assert list(run.results["cells"]) == ["train_step"]
+    t = run.results["cells"]["train_step"]["result"]["seconds_per_step"]
+    assert all(t[k] > 0 for k in ("non_private", "dpfa", "textbook"))
+
+
 def test_bad_configs(tmp_path):
     bad = tmp_path / "language_model.toml"
     bad.write_text("seeds = [0]\n[train]\nstepz = 3\n")

@@ -61,11 +61,12 @@ def run_config(path, *, quick: bool = False, device: Optional[str] = None, seeds
 
     if experiment == "audit":
         return _audit(path, quick, device, seeds, out, name, progress, command, say)
-    if experiment == "speed":  # refuses on a CPU before it reads anything else
+    if experiment == "speed":  # refuses on a CPU before it reads anything else (--quick: the training step only)
         from dpfa.experiments import speed as mod
 
         dev = common.resolve_device(device)
-        mod.require_gpu(dev)
+        if not quick:
+            mod.require_gpu(dev)
         cfg = common.from_mapping(mod.Config, data)
         runner = lambda store: mod.run(cfg, store, device=dev, progress=progress, log=say, out_dir=out,  # noqa: E731
                                        quick=quick)

@@ -172,12 +172,18 @@ def require_gpu(device: str) -> None:
 
 
 def run(cfg: Config, store, *, device: str, progress: bool, log, out_dir: Path, quick: bool) -> None:
-    require_gpu(device)
-    plan = ["attention"] + (["dp_release"] if cfg.dp_release else []) + (["train_step"] if cfg.train_step.enabled
-                                                                          else [])
+    if quick and device != "cuda":
+        # --quick on a CPU: the training-step table alone (the attention tables time Triton kernels on a GPU)
+        log("speed --quick on the CPU: only the training-step table; the attention and DP-release tables need a "
+            "CUDA device.")
+        plan = ["train_step"]
+    else:
+        require_gpu(device)
+        plan = ["attention"] + (["dp_release"] if cfg.dp_release else []) + (["train_step"] if cfg.train_step.enabled
+                                                                              else [])
     store.plan = plan
     bar = progress_bar(len(plan), "speed cells", enabled=progress)
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     for key in plan:
         cell_cfg = {"cell": key, "gpu": gpu, **({"train_step": dataclasses.asdict(cfg.train_step)}
                                                 if key == "train_step" else
