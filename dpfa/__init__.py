@@ -32,3 +32,13 @@ def privacy_check(**kwargs):
 
 
 __all__.append("privacy_check")
+
+
+def cuda_version():
+    """The CUDA version torch was built with (e.g. "12.4") when a CUDA device is usable, else None."""
+    import torch
+
+    return torch.version.cuda if torch.cuda.is_available() else None
+
+
+__all__.append("cuda_version")

@@ -96,6 +96,10 @@ class PrivacyStats:
     events: tuple[SampledMechanismEvent, ...]  # compose these in any dpfa accountant
     seed: int
     grid_step: Optional[float] = None  # secure_mode: every released value is a multiple of it (a power of 2)
+    #: how epsilon_spent was obtained: "accountant" (the events, composed by a dpfa accountant) or
+    #: "basic_composition" (a user mechanism that overrides only add_noise: the (epsilon, delta) of its
+    #: calls, as its author claims them, added up; no events, and the noise scales are unknown: NaN)
+    accounting: str = "accountant"
 
     @property
     def is_private(self) -> bool:
@@ -188,7 +192,10 @@ def _head_shares(num_heads: int, strategy: Optional[str], head_weights) -> Optio
     if strategy not in ("importance", "importance_based"):
         raise PrivacyParameterError(f"Unknown strategy={strategy!r}; expected 'uniform' or 'importance'.")
     if head_weights is None:
-        raise PrivacyParameterError("strategy='importance' needs head_weights (one positive weight per head).")
+        raise PrivacyParameterError(
+            f"strategy={strategy!r} needs head_weights (one positive weight per head, fixed before the call): dpfa "
+            "does not measure head importance on the private keys and values, which would itself be an un-noised "
+            "statistic of them. Pass head_weights=[...], or head_epsilons=[...] for explicit per-head budgets.")
     w = [float(x) for x in head_weights]
     if len(w) != num_heads:
         raise PrivacyParameterError(f"Expected {num_heads} head_weights (one per head), got {len(w)}.")
@@ -350,6 +357,10 @@ def dp_flash_attn_func(
         q, k, epsilon, delta, value_clip, score_cap, record_size, head_epsilons, seed)
     mech = mechanism_registry.resolve(mechanism)
     norm = "l2" if secure_mode else _norm_of(mech)  # secure: one unit per (row, head), grid handled below
+    if is_add_noise_only(mech):
+        return _release_with_add_noise(mech, q, k, v, causal, softmax_scale, epsilon, delta, value_clip, score_cap,
+                                       score_cap_mode, record_size, key_padding_mask, head_epsilons, strategy,
+                                       head_weights, seed, return_privacy_stats)
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ShapeError(f"Expected q of rank 4 (batch, seqlen, heads, head_dim), got {getattr(q, 'shape', q)!r}.")
     B, Nq, H, D = q.shape
@@ -413,6 +424,123 @@ def dp_flash_attn_func(
                          noise_scale_per_head=tuple(per_head), max_sensitivity=float(per_row),
                          records_visible_rows=R, events=events, seed=seed, grid_step=grid_step)
     return out, stats
+
+
+# ------------------------------------------------- a mechanism that only overrides add_noise
+
+
+def is_add_noise_only(mech: DPMechanism) -> bool:
+    """A user mechanism with no torch sampler that overrides ``add_noise`` (DESIGN.md 3)."""
+    return not mech.has_sampler() and type(mech).add_noise is not DPMechanism.add_noise
+
+
+def _add_noise_norm(mech: DPMechanism) -> str:
+    """The norm in which add_noise's ``sensitivity`` is meant; it must be declared, not defaulted."""
+    declared = any("sensitivity_norm" in c.__dict__ for c in type(mech).__mro__ if c is not DPMechanism)
+    if not declared or mech.sensitivity_norm not in ("l1", "l2"):
+        raise PrivacyParameterError(
+            f"{type(mech).__name__} overrides only add_noise, so dpfa passes it the sensitivity of each tensor in the "
+            f"norm the class declares; declare it in the class: sensitivity_norm = 'l1' (e.g. Laplace noise of scale "
+            f"sensitivity / epsilon on every coordinate) or 'l2' (e.g. Gaussian). Got "
+            f"{'no declaration' if not declared else repr(mech.sensitivity_norm)}.")
+    return mech.sensitivity_norm
+
+
+def _takes_delta(fn) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return "delta" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()) or len(
+        [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 4
+
+
+def _release_with_add_noise(mech, q, k, v, causal, softmax_scale, epsilon, delta, value_clip, score_cap,
+                            score_cap_mode, record_size, key_padding_mask, head_epsilons, strategy, head_weights,
+                            seed, return_privacy_stats):
+    """The unfused path for a mechanism that only overrides ``add_noise(tensor, sensitivity, epsilon[, delta])``.
+
+    The kernel (or its reference) computes the capped, clipped attention without noise; row i
+    is divided by its public bound Delta_i, so every normalised (row, head) moves by at most 1
+    in the mechanism's declared norm when one record is replaced, and at most R rows per head
+    can see a record: the whole normalised output has sensitivity sqrt(R H) (L2) or R H (L1).
+    Uniform budget: ONE call ``add_noise(normalised, that sensitivity, epsilon[, delta])``;
+    ``head_epsilons``: one call per noisy head at sensitivity sqrt(R) (R) with that head's
+    budget. Multiplying back by Delta_i is post-processing. The call is accounted by the
+    (epsilon, delta) that add_noise was called with, as its author claims it (dpfa cannot
+    check a noise it does not know; ``dpfa.attacks.audit_mechanism`` tests it empirically),
+    added up over the calls (basic composition); an add_noise without a ``delta`` argument is
+    taken as pure epsilon-DP. The stats say so (``accounting="basic_composition"``, no events).
+    """
+    norm = _add_noise_norm(mech)
+    if strategy not in (None, "uniform"):
+        raise PrivacyParameterError(
+            f"strategy={strategy!r} splits one budget by a composition rule that dpfa knows only for its own "
+            f"mechanisms; {type(mech).__name__} overrides only add_noise: give head_epsilons instead.")
+    if head_weights is not None:
+        raise PrivacyParameterError("head_weights are used only with strategy='importance'.")
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ShapeError(f"Expected q of rank 4 (batch, seqlen, heads, head_dim), got {getattr(q, 'shape', q)!r}.")
+    B, Nq, H, D = q.shape
+    Nk = k.shape[1]
+    if key_padding_mask is not None and (not isinstance(key_padding_mask, torch.Tensor)
+                                         or tuple(key_padding_mask.shape) != (B, Nk)
+                                         or key_padding_mask.dtype != torch.bool):
+        raise ShapeError(f"Expected key_padding_mask of dtype torch.bool and shape (batch, seqlen_k) = ({B}, {Nk}).")
+    out = flash_attn_with_hooks(q, k, v, noise=None, causal=causal, softmax_scale=softmax_scale,
+                                key_padding_mask=key_padding_mask, score_cap=score_cap, score_cap_mode=score_cap_mode,
+                                value_clip=value_clip, value_clip_norm=norm)
+    n = visible_keys(B, Nq, Nk, causal, key_padding_mask, q.device)
+    delta_rows = row_sensitivity(n, score_cap, value_clip, record_size, q.dtype)  # (B, Nq) float64
+    R = max(int((n > 0).sum(dim=1).max().item()) if B > 0 else 0, 1)
+    seen = (delta_rows > 0)[:, :, None, None]
+    unit = torch.where(seen, delta_rows[:, :, None, None], torch.ones_like(delta_rows[:, :, None, None]))
+    normalised = out.detach().to(torch.float64) / unit  # (B, Nq, H, D): each (row, head) moves by <= 1
+    with_delta = _takes_delta(mech.add_noise)
+    d_call = delta if with_delta else 0.0
+
+    def call(x, sens, eps):
+        y = mech.add_noise(x, sens, eps, delta) if with_delta else mech.add_noise(x, sens, eps)
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
+            raise ShapeError(f"{type(mech).__name__}.add_noise returned {type(y).__name__} of shape "
+                             f"{tuple(getattr(y, 'shape', ()))}; expected a tensor of shape {tuple(x.shape)}.")
+        return y.to(device=x.device, dtype=torch.float64)
+
+    spent = []  # (epsilon, delta) of each add_noise call
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # a user's add_noise draws from torch's global generator: make it a function of seed
+    try:
+        if head_epsilons is None:
+            if math.isfinite(epsilon):
+                normalised = call(normalised, float(R * H) if norm == "l1" else math.sqrt(R * H), epsilon)
+                spent.append((epsilon, d_call))
+        else:
+            parts = []
+            for h, e in enumerate(head_epsilons):
+                x = normalised[:, :, h, :]
+                if math.isfinite(e):
+                    x = call(x.contiguous(), float(R) if norm == "l1" else math.sqrt(R), e)
+                    spent.append((e, d_call))
+                parts.append(x)
+            normalised = torch.stack(parts, dim=2)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    noisy = head_epsilons is None and math.isfinite(epsilon) or (
+        head_epsilons is not None and all(math.isfinite(e) for e in head_epsilons))
+    released = (normalised * unit).to(out.dtype)
+    if out.requires_grad:  # gradients of the clipped, capped attention; the value is the release
+        released = released + (out - out.detach())
+    if not return_privacy_stats:
+        return released
+    eps_spent = sum(e for e, _ in spent) if noisy else math.inf
+    delta_spent = min(1.0, sum(d for _, d in spent)) if noisy else 1.0
+    stats = PrivacyStats(epsilon_spent=float(eps_spent), delta_spent=float(delta_spent),
+                         mechanism=mech.name or type(mech).__name__, noise_scale_per_head=(math.nan,) * H,
+                         max_sensitivity=float(delta_rows.max()) if delta_rows.numel() else 0.0,
+                         records_visible_rows=R, events=(), seed=seed, accounting="basic_composition")
+    return released, stats
 
 
 def clear_caches() -> None:
@@ -597,8 +725,12 @@ class DPFlashAttention(nn.Module):
         probe = torch.empty(1, record_size, num_heads, self.head_dim, device="meta")
         _check_inputs(probe, probe, epsilon, delta, value_clip, score_cap, record_size, head_epsilons, 0)
         mech = _secure_mechanism(mechanism, None) if secure_mode else mechanism_registry.resolve(mechanism)
-        _plan(mech, "l2" if secure_mode else _norm_of(mech), 1, num_heads, self.head_dim, float(epsilon), delta,
-              head_epsilons, _head_shares(num_heads, strategy, head_weights))
+        if is_add_noise_only(mech) and not secure_mode:  # accounted by the (epsilon, delta) of its calls
+            _add_noise_norm(mech)
+        else:
+            _plan(mech, "l2" if secure_mode else _norm_of(mech), 1, num_heads, self.head_dim, float(epsilon), delta,
+                  head_epsilons, _head_shares(num_heads, strategy, head_weights))
+        self._claimed: list[tuple[float, float]] = []  # (epsilon, delta) of add_noise-only calls
         self._accountant_name = accountant or ("pld" if mech.has_curve("pld") else "rdp")
         self._accountant = accountant_registry.get(self._accountant_name)()
         self._not_private = False
@@ -613,6 +745,12 @@ class DPFlashAttention(nn.Module):
                 "DPFlashAttention releases only the noisy output (pass need_weights=False).")
         if attn_mask is not None:
             raise ShapeError("attn_mask is not supported; use key_padding_mask, or is_causal=True / causal=True.")
+        out, stats = self._attend(query, key, value, key_padding_mask, is_causal, seed)
+        self._record(stats)
+        return out, (stats if return_privacy_stats else None)
+
+    def _attend(self, query, key, value, key_padding_mask, is_causal, seed):
+        """(output, stats) of one release; nothing is accounted here (see ``_record``)."""
         if not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         B, Nq, _ = query.shape
@@ -629,20 +767,30 @@ class DPFlashAttention(nn.Module):
             kpm = ~key_padding_mask  # dpfa's kernels take True = attend
         out, stats = dp_flash_attn_func(q, k, v, causal=self.causal or is_causal, key_padding_mask=kpm,
                                         seed=seed, return_privacy_stats=True, **self.privacy)
-        for e in stats.events:
-            self._accountant.compose_event(e)
-        if not stats.is_private:
-            self._not_private = True
         out = self.out_proj(out.reshape(B, Nq, H * D))  # post-processing of the noisy output
         if not self.batch_first:
             out = out.transpose(0, 1)
-        return out, (stats if return_privacy_stats else None)
+        return out, stats
+
+    def _record(self, stats: PrivacyStats) -> None:
+        """Compose one release into the module's ledger."""
+        for e in stats.events:
+            self._accountant.compose_event(e)
+        if stats.accounting == "basic_composition" and stats.is_private:
+            self._claimed.append((stats.epsilon_spent, stats.delta_spent))
+        if not stats.is_private:
+            self._not_private = True
 
     def get_privacy_spent(self, delta: Optional[float] = None) -> tuple[float, float]:
-        """(epsilon, delta) of every call so far, composed by the module's accountant."""
+        """(epsilon, delta) of every call so far, composed by the module's accountant.
+
+        A mechanism that overrides only add_noise has no curve: its calls' (epsilon, delta) are
+        added up (basic composition) and that delta is returned, whatever ``delta`` asks."""
         delta = self.privacy["delta"] if delta is None else _validate.delta(delta)
         if self._not_private:
             return math.inf, delta
+        if self._claimed:
+            return sum(e for e, _ in self._claimed), min(1.0, sum(d for _, d in self._claimed))
         if not self._accountant.history:
             return 0.0, 0.0
         return self._accountant.get_epsilon(delta), delta

@@ -10,6 +10,8 @@
     dpfa run          run an experiment config (experiments/configs/NAME.toml); resumable JSON
                       and a markdown table in experiments/results/
     dpfa figs         the paper's figures (paper_figs/) from the results JSON, as PNG and PDF
+    dpfa bench        the seed's benchmarks: `speed` (GPU timing) and `memory` (analytic estimate)
+    dpfa verify       a mechanism's empirical audit plus the accountants' cross-check
 
 Bad input never gives a traceback: the message names the value and what is allowed,
 and the exit status is 2.
@@ -166,6 +168,10 @@ def cmd_audit(args) -> int:
     path = args.config
     if path is None and Path(DEFAULT_AUDIT_CONFIG).is_file():
         path = DEFAULT_AUDIT_CONFIG
+    if args.epsilon is not None:  # the seed's --epsilon: one claimed epsilon
+        if args.epsilons is not None:
+            raise DPFAError("Give --epsilon or --epsilons, not both.")
+        args.epsilons = str(args.epsilon)
     config = runner.load_config(path, quick=args.quick, epsilons=args.epsilons,
                                 num_shadow_models=args.num_shadow_models, jobs=args.jobs)
     name = (Path(path).stem if path is not None else "audit") + ("_quick" if args.quick else "")
@@ -183,6 +189,63 @@ def cmd_audit(args) -> int:
         if failures:
             print(f"FAILED: the one-run lower bound exceeds the claimed epsilon at epsilon {', '.join(failures)}")
     return EXIT_CHECK_FAILED if failures else 0
+
+
+def cmd_bench(args) -> int:
+    from dpfa import bench
+
+    for name, value in (("--batch-size", args.batch_size), ("--seq-length", args.seq_length)):
+        _validate.count(value, name)
+    if args.what == "speed":
+        res = bench.attention_speed(args.model, args.batch_size, args.seq_length,
+                                    _validate.epsilon(args.epsilon, "--epsilon"))
+        print(json.dumps(res) if args.json else
+              f"{res['model']} attention {res['shape']} on {res['device']}: SDPA {res['sdpa_ms']:.3f} ms, dpfa flash "
+              f"{res['flash_ms']:.3f} ms, dpfa DP release {res['dp_ms']:.3f} ms (median, one layer)")
+        return 0
+    rows = bench.attention_memory(args.model, args.batch_size, args.seq_length,
+                                  [m.strip() for m in args.compare_with.split(",") if m.strip()])
+    if args.json:
+        print(json.dumps({"model": args.model, "rows": rows}))
+    else:
+        print(f"{args.model}, batch {args.batch_size}, sequence {args.seq_length}: attention activations kept for "
+              "backward, all layers, bf16 (ANALYTIC ESTIMATE from the config's shapes, not a measurement)")
+        for r in rows:
+            print(f"  {r['method']:<9} {r['bytes'] / 2**30:10.2f} GiB")
+    return 0
+
+
+RENYI_NAMES = {"renyi_gaussian": "gaussian", "gaussian": "gaussian", "laplace": "laplace"}
+
+
+def cmd_verify(args) -> int:
+    from dpfa import accountants
+    from dpfa.attacks import audit_mechanism
+
+    if args.composition != "sequential":
+        raise DPFAError(f"--composition {args.composition!r}: only 'sequential' is verified (the accountants compose "
+                        "releases on the same data; disjoint data compose by the maximum, nothing to check).")
+    if args.mechanism not in RENYI_NAMES:
+        raise DPFAError(f"Unknown --mechanism {args.mechanism!r}; known: {', '.join(RENYI_NAMES)}.")
+    mech = RENYI_NAMES[args.mechanism]
+    eps, delta = _validate.epsilon(args.epsilon, "--epsilon"), _validate.delta(args.delta, "--delta")
+    audit = audit_mechanism(mech, eps, delta if mech == "gaussian" else 0.0, n_samples=args.samples, seed=0)
+    rows = {}
+    for name in ("rdp", "prv", "pld"):
+        acc = accountants.create(name).compose(mech, args.noise_multiplier, args.sample_rate, args.steps)
+        rows[name] = acc.get_epsilon(delta)
+    # every accountant is an upper bound; RDP is the loosest: the numerical ones must be below it and agree
+    agree = max(rows["prv"], rows["pld"]) <= rows["rdp"] * 1.01 + 1e-3 and abs(rows["prv"] - rows["pld"]) <= (
+        0.02 * rows["pld"] + 1e-2)
+    ok = audit.passed and agree
+    if args.json:
+        print(json.dumps({"audit": audit.to_dict(), "accountants": rows, "accountants_agree": agree, "passed": ok}))
+    else:
+        print(str(audit))
+        print(f"sequential composition of {args.steps} releases (z = {args.noise_multiplier:g}, q = "
+              f"{args.sample_rate:g}) at delta {delta:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows.items())
+              + (" (agree)" if agree else " (DISAGREE)"))
+    return 0 if ok else EXIT_CHECK_FAILED
 
 
 def cmd_run(args) -> int:
@@ -339,7 +402,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where NAME.json and NAME.md go (default: experiments/results)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (paths, computed and cached cells, the table) instead of the table")
+    p.add_argument("--attack", choices=("membership_inference",), default="membership_inference",
+                   help="the seed's name for this audit; membership_inference (LiRA, loss attack, one-run) is the "
+                        "only one (default)")
+    p.add_argument("--epsilon", type=float, default=None, help="one claimed epsilon (the seed's form of --epsilons)")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("bench", help="the seed's benchmarks: attention speed (GPU) and memory (analytic estimate)",
+                       description="speed: median time of one layer's attention (torch SDPA, dpfa flash, dpfa DP "
+                                   "release) at the model's shapes; needs a CUDA GPU (a CPU runs the plain-torch "
+                                   "reference, which says nothing about the kernels). memory: an ANALYTIC estimate "
+                                   "of the attention activations kept for backward, from the model's configuration "
+                                   "(no weights are loaded).")
+    p.add_argument("what", choices=("speed", "memory"))
+    p.add_argument("--model", required=True, help="a known configuration, e.g. bert-large, gpt2-xl, vit-huge")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size (default: 8)")
+    p.add_argument("--seq-length", type=int, default=1024, metavar="N", help="sequence length (default: 1024)")
+    p.add_argument("--epsilon", type=float, default=1.0, help="speed: epsilon of the DP release (default: 1)")
+    p.add_argument("--compare-with", default="flash,standard,opacus", metavar="LIST",
+                   help="memory: methods separated by commas among flash, standard, opacus (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("verify", help="a mechanism's empirical audit plus the accountants' cross-check",
+                       description="Audit the mechanism on worst-case neighbouring inputs at (--epsilon, --delta) "
+                                   "and compose --steps subsampled releases with the rdp, prv and pld accountants, "
+                                   "which must agree. Exit status 0, 1 when the audit or the cross-check fails, 2 on "
+                                   "bad input.")
+    p.add_argument("--mechanism", default="renyi_gaussian",
+                   help="renyi_gaussian (the seed's name: the Gaussian mechanism accounted by RDP), gaussian, laplace")
+    p.add_argument("--composition", default="sequential", help="sequential (the only one there is to verify)")
+    p.add_argument("--epsilon", type=float, default=1.0, help="epsilon the audited release is calibrated for")
+    p.add_argument("--delta", type=float, default=1e-5, help="delta of the audit and of the accountants")
+    p.add_argument("--noise-multiplier", type=float, default=1.0, metavar="Z", help="composition: noise (default 1)")
+    p.add_argument("--sample-rate", type=float, default=0.01, metavar="Q", help="composition: rate (default 0.01)")
+    p.add_argument("--steps", type=int, default=1000, metavar="T", help="composition: releases (default 1000)")
+    p.add_argument("--samples", type=int, default=200_000, metavar="N", help="audit: outputs per input")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_verify)
     _add_experiment_commands(sub)
     return parser
 

@@ -30,6 +30,16 @@ The privacy losses of both pairs are +-epsilon', +-epsilon'' and 0 with epsilon'
 and the other losses are put on the grid by "connect the dots" (:func:`connect_the_dots`),
 which yields a dominating pair again, so the results are upper bounds. Pure
 composition, num_steps x epsilon', also holds (delta = 0) and caps the epsilon.
+
+An (epsilon_0, delta_0)-DP base mechanism (``base_delta > 0``; Poisson sampling only). Its
+canonical pair P0 = (delta_0, (1 - delta_0) e^{e0} / (1 + e^{e0}), (1 - delta_0) / (1 + e^{e0}), 0),
+Q0 = P0 reversed, dominates every (epsilon_0, delta_0)-DP pair as a post-processing (Kairouz,
+Oh & Viswanath 2015, Thm 2.1; Murtagh & Vadhan 2016), in both directions since it is
+symmetric. So, by the same data-processing argument, the remove pair ((1-q) Q0 + q P0, Q0) and
+the add pair (Q0, (1-q) Q0 + q P0) dominate the subsampled step, and their PLDs compose
+tightly: the step's losses are +-epsilon', +-epsilon'', -+log(1 - q) and an infinite loss of
+mass q delta_0 (the subsampled delta of Balle, Barthe & Gaboardi 2018). Nothing here adds
+epsilons: the composition is the PLD's.
 """
 
 from __future__ import annotations
@@ -53,15 +63,21 @@ class SubsamplingAmplification:
     """``num_steps`` runs of an ``base_epsilon``-DP mechanism, each on a subsample of ``sampling_rate``.
 
     ``sampling``: "poisson" (add/remove relation) or "without_replacement" (replace-one;
-    the base mechanism must be ``base_epsilon``-DP under replace-one).
+    the base mechanism must be ``base_epsilon``-DP under replace-one). ``base_delta``: the base
+    mechanism is (base_epsilon, base_delta)-DP (Poisson only; see the module docstring).
     """
 
     def __init__(self, base_epsilon: float, sampling_rate: float, num_steps: int, sampling: str = "poisson",
-                 value_discretization_interval: Optional[float] = None) -> None:
+                 value_discretization_interval: Optional[float] = None, base_delta: float = 0.0) -> None:
         self.base_epsilon = _validate.epsilon(base_epsilon, "base_epsilon")
+        self.base_delta = _validate.delta(base_delta, "base_delta", allow_zero=True)
         self.sampling_rate = _validate.sample_rate(sampling_rate, "sampling_rate")
         self.num_steps = _validate.count(num_steps, "num_steps")
         self.sampling = normalize_sampling(sampling)
+        if self.base_delta > 0 and self.sampling != "poisson":
+            raise PrivacyParameterError(
+                f"base_delta={self.base_delta!r} > 0 is supported with sampling='poisson' only; for sampling without "
+                "replacement give a pure-DP base mechanism (base_delta=0).")
         if value_discretization_interval is not None:
             value_discretization_interval = _validate.positive(value_discretization_interval,
                                                                "value_discretization_interval")
@@ -87,8 +103,9 @@ class SubsamplingAmplification:
             # -epsilon'' is off the grid: resolve it even where a small sampling rate makes both
             # losses far smaller than TARGET_INTERVAL (else the chords overshoot by tens of %)
             eps2 = -math.log1p(-self.sampling_rate * -math.expm1(-self.base_epsilon))
+            tail = -math.log1p(-self.sampling_rate) if self.base_delta > 0 and self.sampling_rate < 1 else 0.0
             target = max(min(TARGET_INTERVAL, eps2 / MIN_POINTS_PER_LOSS),
-                         2.0 * self.num_steps * (eps1 + eps2) / MAX_GRID)
+                         2.0 * self.num_steps * (eps1 + eps2 + tail) / MAX_GRID)
         else:
             target = max(TARGET_INTERVAL, 2.0 * self.num_steps * (eps1 + self.base_epsilon) / MAX_GRID)
         return eps1 / max(1, math.ceil(eps1 / target))
@@ -98,10 +115,16 @@ class SubsamplingAmplification:
         e0, q = self.base_epsilon, self.sampling_rate
         log_norm = math.log1p(math.exp(e0)) if e0 < 30 else e0 + math.log1p(math.exp(-e0))
         if self.sampling == "poisson":
-            # P0 = (e^e0, 1)/(1+e^e0), Q0 = (1, e^e0)/(1+e^e0); upper = (1-q) Q0 + q P0
-            upper = {0: math.log1p(q * math.expm1(e0)) - log_norm,               # 1 + q (e^e0 - 1)
-                     1: e0 + math.log1p(-q * -math.expm1(-e0)) - log_norm}        # q + (1-q) e^e0
-            lower = {0: -log_norm, 1: e0 - log_norm}
+            # P0 = (d0, (1-d0) e^e0/(1+e^e0), (1-d0)/(1+e^e0), 0), Q0 = P0 reversed; upper = (1-q) Q0 + q P0
+            d0 = self.base_delta
+            log_keep = math.log1p(-d0) - log_norm
+            log_d = math.log(d0) if d0 > 0 else -math.inf
+            log_q = math.log(q)
+            log_1mq = math.log1p(-q) if q < 1 else -math.inf
+            upper = {0: math.log1p(q * math.expm1(e0)) + log_keep,               # 1 + q (e^e0 - 1)
+                     1: e0 + math.log1p(-q * -math.expm1(-e0)) + log_keep,        # q + (1-q) e^e0
+                     "a": log_q + log_d, "b": log_1mq + log_d}
+            lower = {0: log_keep, 1: e0 + log_keep, "a": -math.inf, "b": log_d}
             return lower, upper
         eps1 = self.step_epsilon
         middle = e0 + math.log(-math.expm1(eps1 - e0)) if eps1 < e0 else -math.inf  # e^e0 - e^e'
@@ -132,6 +155,8 @@ class SubsamplingAmplification:
         """Smallest epsilon such that the ``num_steps`` subsampled steps are (epsilon, delta)-DP."""
         delta = _validate.delta(delta)
         pure = self.num_steps * self.step_epsilon
+        if delta < -math.expm1(self.num_steps * math.log1p(-self.sampling_rate * self.base_delta)):
+            pure = math.inf  # basic composition holds only at delta >= 1 - (1 - q delta_0)^T
         try:
             eps = float(self.pld().get_epsilon_for_delta(delta))
         except (ValueError, OverflowError, MemoryError) as exc:
@@ -141,13 +166,14 @@ class SubsamplingAmplification:
     def compute_delta(self, epsilon: float) -> float:
         """Smallest delta such that the ``num_steps`` subsampled steps are (epsilon, delta)-DP."""
         epsilon = _validate.epsilon(epsilon)
-        if epsilon >= self.num_steps * self.step_epsilon:
+        if epsilon >= self.num_steps * self.step_epsilon and self.base_delta == 0:
             return 0.0
         return float(min(1.0, max(0.0, self.pld().get_delta_for_epsilon(epsilon))))
 
     def __repr__(self) -> str:
+        extra = f", base_delta={self.base_delta!r}" if self.base_delta else ""
         return (f"SubsamplingAmplification(base_epsilon={self.base_epsilon!r}, sampling_rate={self.sampling_rate!r}, "
-                f"num_steps={self.num_steps!r}, sampling={self.sampling!r})")
+                f"num_steps={self.num_steps!r}, sampling={self.sampling!r}{extra})")
 
 
 def connect_the_dots(log_upper: dict, log_lower: dict, interval: float) -> tuple[dict[int, float], float]:

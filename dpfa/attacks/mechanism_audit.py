@@ -136,6 +136,12 @@ def _takes_generator(fn: Callable) -> bool:
     return "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def _takes_delta(fn: Callable) -> bool:
+    from dpfa.attention import _takes_delta as takes
+
+    return takes(fn)
+
+
 def _defined_in(cls: type, attr: str) -> type:
     """The class of ``cls``'s MRO whose body defines ``attr``."""
     return next(c for c in cls.__mro__ if attr in c.__dict__)
@@ -191,7 +197,10 @@ def _draw(mech: DPMechanism, value: float, n: int, sensitivity: float, epsilon: 
             else:
                 x = torch.full((m,), value, dtype=torch.float64)
                 kwargs = {"generator": gen} if use_gen else {}
-                y = mech.add_noise(x, sensitivity, epsilon, delta, **kwargs)
+                if _takes_delta(mech.add_noise):
+                    y = mech.add_noise(x, sensitivity, epsilon, delta, **kwargs)
+                else:  # the seed's add_noise(tensor, sensitivity, epsilon): a pure epsilon-DP claim
+                    y = mech.add_noise(x, sensitivity, epsilon, **kwargs)
             if not isinstance(y, torch.Tensor) or tuple(y.shape) != (m,):
                 what = "sample" if scale is not None else "add_noise"
                 raise ShapeError(

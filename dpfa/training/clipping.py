@@ -80,8 +80,11 @@ def per_example_norms(contributions: Dict[nn.Parameter, List[Contribution]], nor
 
 def clipped_grads(contributions: Dict[nn.Parameter, List[Contribution]], max_grad_norm: float,
                   mode: str = "flat", norm: str = "l2", thresholds: Optional[Dict[nn.Parameter, float]] = None,
-                  method: str = "auto") -> Dict[nn.Parameter, torch.Tensor]:
-    """sum_i c_i grad_i for every parameter with contributions."""
+                  method: str = "auto", norms_out: Optional[list] = None) -> Dict[nn.Parameter, torch.Tensor]:
+    """sum_i c_i grad_i for every parameter with contributions.
+
+    ``norms_out`` (flat clipping): the per-example total norms are appended to it (private; adaptive
+    clipping releases only a noisy count of them)."""
     from dpfa.training.contributions import clipped_sum
 
     if not contributions:
@@ -94,6 +97,8 @@ def clipped_grads(contributions: Dict[nn.Parameter, List[Contribution]], max_gra
             total = sum(n.double() for n in norms.values())
         factors = clip_factors(total, max_grad_norm)
         per_param = {p: factors for p in contributions}
+        if norms_out is not None:
+            norms_out.append(total)
     elif mode == "per_layer":
         if thresholds is None:
             raise DPFAError("per_layer clipping needs thresholds.")

@@ -11,6 +11,15 @@ forward pass that starts after a backward pass has delivered contributions seals
 as a group of their own, so that example i of one micro-batch is never merged with
 example i of another. Forward passes before their common backward pass (a siamese loss)
 share the group: their example i is one example.
+
+Activation checkpointing (``torch.utils.checkpoint``) runs forwards again DURING backward to
+recompute what it did not keep. Such a forward (recognised by the autograd engine running a
+graph task, ``_in_backward``) is part of the backward pass that is under way: it never seals
+a group nor starts new examples. Non-reentrant checkpointing recomputes tensors for the
+original graph, so the hooks that a recomputed output gets never fire and every layer's
+contribution arrives once, through the original forward's hook; reentrant checkpointing ran
+the original forward without grad (no hook) and backpropagates through the recomputation,
+whose hooks deliver each contribution once.
 """
 
 from __future__ import annotations
@@ -92,7 +101,10 @@ class GradSampleCollector:
         """A new forward pass: its batch size is the root input's first dimension (if a tensor).
 
         Contributions already delivered by a backward pass are sealed: this pass's examples are new ones.
+        A forward that a checkpoint recomputes inside backward is none of that (see the module docstring).
         """
+        if _in_backward():
+            return None
         if self.contributions:
             self.sealed.append(self.contributions)
             self.sealed_logical.append(self.logical)
@@ -164,6 +176,11 @@ class GradSampleCollector:
     def unused(self) -> List[nn.Parameter]:
         """Trainable parameters with no contribution in this batch (no gradient reached them)."""
         return [p for p in self.parameters if all(p not in g for g in self.groups())]
+
+
+def _in_backward() -> bool:
+    """Whether the autograd engine is executing a backward pass on this thread (a checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def known_unused(module: nn.Module) -> set[str]:

@@ -99,7 +99,7 @@ class PrivacyEngine:
                      target_delta: float, epochs: Optional[int] = None, max_grad_norm: float,
                      clipping: str = "flat", per_layer_norms: Optional[Sequence[float]] = None,
                      poisson_sampling: bool = True, max_physical_batch_size: Optional[int] = None,
-                     loss_reduction: str = "mean"):
+                     loss_reduction: str = "mean", target_quantile: float = 0.5):
         """Make (module, optimizer, data_loader) private; returns the new triple.
 
         Give exactly one of ``noise_multiplier`` and ``target_epsilon`` (with ``epochs``):
@@ -112,12 +112,21 @@ class PrivacyEngine:
         dataset whose ``batch_size`` is the global expected batch size: each rank
         Poisson-samples its shard at rate batch_size / len(dataset), rank 0 adds the noise, the
         clipped sums are summed across ranks, every rank accounts the same steps.
+
+        ``clipping="adaptive"`` (Andrew et al. 2021; :mod:`dpfa.calibration`): ``max_grad_norm`` is the
+        initial norm, which each step moves toward the ``target_quantile`` of the per-example gradient
+        norms through a noisy count; the gradient noise is raised so that each step, count included,
+        is accounted as one Gaussian release at ``noise_multiplier``. If this engine's accountant already
+        holds releases (``AdaptiveNoiseCalibrator.calibrate(..., engine=engine)``), ``target_epsilon``
+        covers them too: the training noise is calibrated for what remains.
         """
         if self.noise_multiplier is not None:
             raise DPFAError("This PrivacyEngine already made a model private; create one engine per run.")
         self.target_delta = _validate.delta(target_delta, "target_delta")
         self.max_grad_norm = _validate.positive(max_grad_norm, "max_grad_norm")
-        _validate.choice(clipping, "clipping", CLIPPING_MODES)
+        _validate.choice(clipping, "clipping", CLIPPING_MODES + ("adaptive",))
+        if clipping == "adaptive" and (self.secure_mode or self.mechanism.name != "gaussian"):
+            raise PrivacyParameterError("clipping='adaptive' needs the Gaussian mechanism and secure_mode=False.")
         if clipping == "per_layer" and self.mechanism.sensitivity_norm != "l2":
             raise PrivacyParameterError("clipping='per_layer' needs an L2 mechanism (gaussian).")
         dataset = getattr(data_loader, "dataset", None)
@@ -131,6 +140,8 @@ class PrivacyEngine:
         if batch_size > n:
             raise PrivacyParameterError(f"batch_size={batch_size} is larger than the dataset ({n} examples).")
         ctx = distributed.DistributedContext.current()
+        if ctx is not None and clipping == "adaptive":
+            raise PrivacyParameterError("clipping='adaptive' is single-process: the count would need a reduction.")
         if ctx is not None and not poisson_sampling:
             raise PrivacyParameterError(
                 "poisson_sampling=False is not supported under torch.distributed; each rank Poisson-samples its shard "
@@ -158,9 +169,14 @@ class PrivacyEngine:
             if epochs is None:
                 raise PrivacyParameterError("target_epsilon needs epochs (the number of epochs it must last).")
             total = max(1, math.ceil(_validate.positive(epochs, "epochs") * steps_per_epoch))
-            noise_multiplier = noise_multiplier_for(self.target_epsilon, self.target_delta, self.sample_rate, total,
-                                                    accountant=self.accountant.name, mechanism=self.mechanism,
-                                                    sampling=self.sampling)
+            if self.accountant.history:  # releases charged before training (the private quantile)
+                from dpfa.calibration import noise_multiplier_after
+                noise_multiplier = noise_multiplier_after(self.accountant, self.target_epsilon, self.target_delta,
+                                                          self.sample_rate, total, self.mechanism, self.sampling)
+            else:
+                noise_multiplier = noise_multiplier_for(self.target_epsilon, self.target_delta, self.sample_rate,
+                                                        total, accountant=self.accountant.name,
+                                                        mechanism=self.mechanism, sampling=self.sampling)
         self.noise_multiplier = _validate.noise_multiplier(noise_multiplier)
         try:  # dry run: an accountant that cannot account the step must refuse now, not after the first release
             self._event_accountant(1)
@@ -194,11 +210,16 @@ class PrivacyEngine:
             thresholds = dict(zip(collector.parameters, cs))
         dp_optimizer = DPOptimizer(
             optimizer, collector, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-            expected_batch_size=batch_size, mechanism=self.mechanism, clipping=clipping,
+            expected_batch_size=batch_size, mechanism=self.mechanism,
+            clipping="flat" if clipping == "adaptive" else clipping,
             per_layer_thresholds=thresholds, noise_generator=self._noise_generator,
             before_step=self._before_step, after_step=self._after_step, batch_info=self.batch_info,
             reducer=reducer, secure_mode=self.secure_mode,
         )
+        if clipping == "adaptive":  # the accountant records noise_multiplier; the gradient gets z_grad > it
+            from dpfa.calibration import AdaptiveClipping
+            dp_optimizer.adaptive = AdaptiveClipping(self.noise_multiplier, target_quantile)
+            dp_optimizer.noise_multiplier = dp_optimizer.adaptive.gradient_noise_multiplier
         loader = DPDataLoader(dataset, sampler, collate_fn=data_loader.collate_fn,
                               max_physical_batch_size=max_physical_batch_size, info=self.batch_info,
                               sync_chunks=None if ctx is None else ctx.max_over_ranks)
