@@ -19,7 +19,6 @@ import pathlib
 import sys
 import time
 
-import numpy as np
 import torch
 from scipy import stats
 

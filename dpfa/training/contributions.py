@@ -26,19 +26,74 @@ activations.
 
 The clipped sum ``sum_i c_i grad_i`` is ``L^T diag(c) R`` (book-keeping, Bu et al. 2023):
 one contraction, no per-example gradient.
+
+Kernels. The functions below are the plain-torch rules; where :func:`kernels_enabled` holds
+(``KERNELS = "auto"``: CUDA tensors; ``"on"``: also CPU under ``TRITON_INTERPRET=1``;
+``"off"``: never) factored contributions go through the Triton kernels of
+``dpfa.kernels``: ``ghost_norm`` (one-hot factors as comparisons and gathers, tied uses as
+cross terms), ``direct_norm`` and ``clipped_sum``. The kernels' choice between ghost and
+direct is measured once per shape on CUDA (``MEASURE_KERNEL_COST``), else the FLOP rule
+:func:`kernel_prefers_ghost`. The optimizer's noise step follows the same switch
+(``dpfa.kernels.dpsgd_noise``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional, Sequence, Union
+from typing import Dict, Iterator, Optional, Sequence, Union
 
 import torch
+
+from dpfa.errors import DPFAError
 
 #: rows of the T x T Gram matrices computed at once by the ghost norm
 GHOST_TILE = 256
 #: output rows of the per-example gradient materialised at once by the direct norm
 DIRECT_TILE = 64
+
+KERNEL_MODES = ("auto", "on", "off")
+#: Where the Triton kernels of dpfa.kernels (ghost_norm, direct_norm, clipped_sum, dpsgd_noise) replace the
+#: torch rules below: "auto" for CUDA tensors, "on" for every tensor (on CPU only under TRITON_INTERPRET=1;
+#: tests), "off" never. Set it, or use ``with use_kernels("on"):``. float64 factors always take the torch path.
+KERNELS = "auto"
+#: "auto" on CUDA: time the ghost and the direct kernel once per (T, out, in, dtypes) and keep the faster;
+#: False: decide by the FLOP formula alone (kernel_prefers_ghost)
+MEASURE_KERNEL_COST = True
+_MEASURED: Dict[tuple, bool] = {}
+
+
+@contextlib.contextmanager
+def use_kernels(mode: str) -> Iterator[None]:
+    """Temporarily set :data:`KERNELS` ("auto", "on" or "off")."""
+    global KERNELS
+    if mode not in KERNEL_MODES:
+        raise DPFAError(f"Unknown kernels mode {mode!r}; expected one of {KERNEL_MODES}.")
+    old, KERNELS = KERNELS, mode
+    try:
+        yield
+    finally:
+        KERNELS = old
+
+
+def kernels_enabled(device: torch.device) -> bool:
+    """Whether tensors on ``device`` go through the Triton kernels under the current :data:`KERNELS`."""
+    if KERNELS not in KERNEL_MODES:
+        raise DPFAError(f"contributions.KERNELS={KERNELS!r}; expected one of {KERNEL_MODES}.")
+    if KERNELS == "off":
+        return False
+    if torch.device(device).type == "cuda":
+        return True
+    if KERNELS == "on":
+        from dpfa.kernels.noise import interpreted
+        if not interpreted():
+            raise DPFAError("kernels='on' for CPU tensors needs TRITON_INTERPRET=1 set before dpfa is imported.")
+        return True
+    return False
+
+
+def _kernel_dtypes(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype in (torch.float16, torch.bfloat16, torch.float32) for t in tensors if t.is_floating_point())
 
 
 @dataclasses.dataclass
@@ -126,6 +181,79 @@ def prefers_ghost(T: int, n_out: int, n_in: int) -> bool:
     return T * (n_out + n_in) < n_out * n_in
 
 
+def kernel_prefers_ghost(T: int, n_out: int, n_in: int) -> bool:
+    """The kernels' FLOP rule: the ghost kernel visits only the tile pairs s <= t (T^2 (out + in)
+    multiply-adds), the direct kernel 2 T out in; ghost when T (out + in) < 2 out in."""
+    return T * (n_out + n_in) < 2 * n_out * n_in
+
+
+def _time_ms(fn, reps: int = 3) -> float:
+    fn()  # compile and warm up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _kernel_ghost_wins(left: torch.Tensor, right: torch.Tensor) -> bool:
+    """Ghost or direct kernel for dense factors: measured once per shape on CUDA, else by FLOPs."""
+    from dpfa.kernels.direct_norm import direct_sq_norms
+    from dpfa.kernels.ghost_norm import ghost_sq_norms
+
+    T, n_out, n_in = right.shape[1], left.shape[2], right.shape[2]
+    by_flops = kernel_prefers_ghost(T, n_out, n_in)
+    if not (MEASURE_KERNEL_COST and right.is_cuda and right.shape[0] > 0):
+        return by_flops
+    key = (T, n_out, n_in, left.dtype, right.dtype, right.shape[0], str(right.device))
+    if key not in _MEASURED:
+        ghost = _time_ms(lambda: ghost_sq_norms([(left, right)]))
+        direct = _time_ms(lambda: direct_sq_norms(left, right))
+        _MEASURED[key] = ghost < direct
+    return _MEASURED[key]
+
+
+def _scaled_matmul_sum(left: torch.Tensor, right: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """sum_b c_b L_b^T R_b as one cuBLAS matmul on (c_b L_b) rounded to the kernels' compute dtype."""
+    from dpfa.kernels.factors import compute_dtype
+
+    dtype = compute_dtype((left, right))
+    scaled = (left * factors.to(device=left.device, dtype=torch.float32)[:, None, None]).to(dtype)
+    return torch.mm(scaled.reshape(-1, scaled.shape[-1]).t(), right.to(dtype).reshape(-1, right.shape[-1])).float()
+
+
+def _kernel_clipped_sum(left: torch.Tensor, right: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """The clipped-sum kernel, or on CUDA the scaled cuBLAS matmul where it measured faster (once per shape)."""
+    from dpfa.kernels.clipped_sum import clipped_sum as kernel_clipped_sum
+
+    if not (MEASURE_KERNEL_COST and right.is_cuda and right.shape[0] > 0):
+        return kernel_clipped_sum(left, right, factors)
+    key = ("sum",) + tuple(left.shape) + (right.shape[-1], left.dtype, right.dtype, str(right.device))
+    if key not in _MEASURED:
+        _MEASURED[key] = (_time_ms(lambda: kernel_clipped_sum(left, right, factors))
+                          <= _time_ms(lambda: _scaled_matmul_sum(left, right, factors)))
+    return kernel_clipped_sum(left, right, factors) if _MEASURED[key] else _scaled_matmul_sum(left, right, factors)
+
+
+def _kernel_sq_norms(contributions: Sequence["Factored"], method: str) -> torch.Tensor:
+    """squared_norms for factored contributions through the Triton kernels."""
+    from dpfa.kernels.direct_norm import direct_sq_norms
+    from dpfa.kernels.ghost_norm import ghost_sq_norms
+
+    one_hot = any(c.num_rows is not None for c in contributions)
+    if one_hot and method != "direct":  # one-hot Grams are comparisons and gathers: ghost is always cheaper
+        return ghost_sq_norms([(c.left, c.right) for c in contributions])
+    if len(contributions) == 1:
+        left, right = contributions[0].dense_left(), contributions[0].right
+    else:
+        left = torch.cat([c.dense_left() for c in contributions], dim=1)
+        right = torch.cat([c.right for c in contributions], dim=1)
+    use_ghost = method == "ghost" or (method == "auto" and _kernel_ghost_wins(left, right))
+    return ghost_sq_norms([(left, right)]) if use_ghost else direct_sq_norms(left, right)
+
+
 def squared_norms(contributions: Sequence[Contribution], method: str = "auto") -> torch.Tensor:
     """Per-example squared norm of the gradient summed over ``contributions`` (one parameter).
 
@@ -143,6 +271,9 @@ def squared_norms(contributions: Sequence[Contribution], method: str = "auto") -
     transposes = {c.transpose for c in contributions}
     if len(transposes) != 1:
         raise TypeError("Tied uses of one parameter must store it the same way round.")
+    if kernels_enabled(contributions[0].right.device) and _kernel_dtypes(
+            *[t for c in contributions for t in (c.left, c.right)]):
+        return _kernel_sq_norms(contributions, method)
     if len(contributions) == 1 and contributions[0].num_rows is not None:
         c = contributions[0]
         return _ghost_sq_norms(None, c.right, rows=c.left)
@@ -163,6 +294,8 @@ def clipped_sum(contributions: Sequence[Contribution], factors: torch.Tensor, sh
             weighted = c.right * factors.to(c.right.dtype)[:, None, None]
             part = c.right.new_zeros(c.num_rows, c.right.shape[-1])
             part.index_add_(0, c.left.reshape(-1), weighted.reshape(-1, c.right.shape[-1]))
+        elif kernels_enabled(c.right.device) and _kernel_dtypes(c.left, c.right):
+            part = _kernel_clipped_sum(c.left, c.right, factors)
         else:
             left, right = _common(c.left, c.right)
             weighted = left * factors.to(left.dtype)[:, None, None]

@@ -63,6 +63,7 @@ class DPOptimizer:
         if self.secure_mode and reducer is not None:
             raise DPFAError("secure_mode is single-process: the ranks' sums would be added after the grid release.")
         self.norm = "l1" if mechanism.sensitivity_norm == "l1" else "l2"
+        self.adaptive = None  # a dpfa.calibration.AdaptiveClipping (make_private(clipping="adaptive"))
         self.summed: Dict[nn.Parameter, torch.Tensor] = {}
         self.summed_logical: set = set()  # the logical batches whose clipped sums are in self.summed
         self.physical_batches = 0
@@ -134,13 +135,42 @@ class DPOptimizer:
             return
         self.summed_logical |= self.collector.logical_batches()
         for group in self.collector.groups():  # one group per backward pass: its own examples
-            sums = clipped_grads(group, self.max_grad_norm, self.clipping, self.norm, self.per_layer_thresholds)
+            norms = [] if self.adaptive is not None else None
+            sums = clipped_grads(group, self.max_grad_norm, self.clipping, self.norm, self.per_layer_thresholds,
+                                 norms_out=norms)
+            if norms:  # clipping="adaptive": the private count of unclipped examples (dpfa.calibration)
+                self.adaptive.observe(norms[0], self.max_grad_norm)
             for p, s in sums.items():
                 self.summed[p] = s if p not in self.summed else self.summed[p] + s
         self.collector.clear()
 
+    def _fused_noise(self, scale: float) -> bool:
+        """The noise and the division in one Triton launch over all parameters (dpfa.kernels.dpsgd_noise),
+        where contributions.kernels_enabled says so: one device, the mechanism's device sampler, single
+        process, not secure_mode. A fresh 63-bit seed per step from the engine's CPU noise generator; the
+        Philox counters are the flat offsets of the parameters, disjoint. Returns False to use the torch path."""
+        from dpfa.training import contributions
+
+        devices = {p.device for p in self.params}
+        sampler = getattr(self.mechanism, "triton_sampler", None)
+        if (self.secure_mode or self.reducer is not None or sampler is None or len(devices) != 1
+                or not contributions.kernels_enabled(next(iter(devices)))):
+            return False
+        from dpfa.kernels.dpsgd_noise import noisy_average
+
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.noise_generator(torch.device("cpu"))).item())
+        grads = noisy_average([self.summed.get(p) for p in self.params], [p.shape for p in self.params], sampler,
+                              seed, scale, self.expected_batch_size, device=next(iter(devices)))
+        for p, g in zip(self.params, grads):
+            p.grad = g.to(p.dtype)
+        self.summed = {}
+        self.summed_logical = set()
+        return True
+
     def _add_noise(self) -> None:
         scale = self.noise_multiplier * self.max_grad_norm
+        if self._fused_noise(scale):
+            return
         adds_noise = scale > 0 and (self.reducer is None or self.reducer.adds_noise)
         totals = {}
         secure = None
@@ -175,6 +205,9 @@ class DPOptimizer:
             return False
         self.before_step()  # the engine checks the budget here, before anything is released
         self._add_noise()
+        if self.adaptive is not None:  # release the noisy count, move C (Andrew et al. 2021)
+            self.max_grad_norm = self.adaptive.update(self.max_grad_norm, self.expected_batch_size,
+                                                      self.noise_generator(torch.device("cpu")))
         self.physical_batches = 0
         return True
 
