@@ -127,6 +127,8 @@ def _measure(mode, cfg, B, T, device, warmup, steps):
         step, model, kernels = _make_step(mode, cfg, B, T, device)
     except ImportError:
         return {"status": "not installed"}
+    except Exception as e:  # a baseline that cannot wrap this model is recorded, not fatal
+        return {"status": f"error: {type(e).__name__}: {str(e)[:300]}"}
     try:
         t0 = time.perf_counter()
         for _ in range(warmup):
@@ -176,6 +178,11 @@ def _table(rows):
     return "\n".join(lines)
 
 
+def _contributions():
+    from dpfa.training import contributions
+    return contributions
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a 2-layer GPT on CPU (kernels under TRITON_INTERPRET=1)")
@@ -215,6 +222,9 @@ def main(argv=None):
         "model": {k: v for k, v in cfg.items() if k != "shapes"} | {"tie_weights": True},
         "optimizer": "AdamW", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "autocast": "bfloat16",
         "steps": steps, "warmup": warmup, "targets": TARGETS, "tiny": args.tiny, "results": rows,
+        # per (T, out, in, dtypes, batch): True = the ghost norm measured faster than the direct one;
+        # ("sum", ...): True = the Triton clipped sum measured faster than cuBLAS on the scaled factor
+        "kernel_choices": {str(k): v for k, v in _contributions()._MEASURED.items()},
     }
     out = pathlib.Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

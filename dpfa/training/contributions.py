@@ -187,6 +187,12 @@ def kernel_prefers_ghost(T: int, n_out: int, n_in: int) -> bool:
     return T * (n_out + n_in) < 2 * n_out * n_in
 
 
+def _batch_bucket(b: int) -> int:
+    """Batch sizes share a measurement up to the next power of two: Poisson batches change size
+    every step, and measuring (and compiling) anew for each size cost more than it saved."""
+    return 1 << max(0, (int(b) - 1).bit_length())
+
+
 def _time_ms(fn, reps: int = 3) -> float:
     fn()  # compile and warm up
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -207,7 +213,7 @@ def _kernel_ghost_wins(left: torch.Tensor, right: torch.Tensor) -> bool:
     by_flops = kernel_prefers_ghost(T, n_out, n_in)
     if not (MEASURE_KERNEL_COST and right.is_cuda and right.shape[0] > 0):
         return by_flops
-    key = (T, n_out, n_in, left.dtype, right.dtype, right.shape[0], str(right.device))
+    key = (T, n_out, n_in, left.dtype, right.dtype, _batch_bucket(right.shape[0]), str(right.device))
     if key not in _MEASURED:
         ghost = _time_ms(lambda: ghost_sq_norms([(left, right)]))
         direct = _time_ms(lambda: direct_sq_norms(left, right))
@@ -230,7 +236,8 @@ def _kernel_clipped_sum(left: torch.Tensor, right: torch.Tensor, factors: torch.
 
     if not (MEASURE_KERNEL_COST and right.is_cuda and right.shape[0] > 0):
         return kernel_clipped_sum(left, right, factors)
-    key = ("sum",) + tuple(left.shape) + (right.shape[-1], left.dtype, right.dtype, str(right.device))
+    key = ("sum", _batch_bucket(left.shape[0])) + tuple(left.shape[1:]) + (right.shape[-1], left.dtype, right.dtype,
+                                                                           str(right.device))
     if key not in _MEASURED:
         _MEASURED[key] = (_time_ms(lambda: kernel_clipped_sum(left, right, factors))
                           <= _time_ms(lambda: _scaled_matmul_sum(left, right, factors)))
