@@ -307,6 +307,20 @@ def _check_inputs(q, k, epsilon, delta, value_clip, score_cap, record_size, head
     return float(epsilon), delta, value_clip, score_cap, record_size, head_epsilons, int(seed)
 
 
+def _release_shapes(q, k, key_padding_mask) -> tuple:
+    """(B, Nq, H, D, Nk) of a release, after the checks the sensitivity needs (q's rank, the mask)."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ShapeError(f"Expected q of rank 4 (batch, seqlen, heads, head_dim), got {getattr(q, 'shape', q)!r}.")
+    B, Nq, H, D = q.shape
+    Nk = k.shape[1]
+    if key_padding_mask is not None and (not isinstance(key_padding_mask, torch.Tensor)
+                                         or tuple(key_padding_mask.shape) != (B, Nk)
+                                         or key_padding_mask.dtype != torch.bool):
+        raise ShapeError(f"Expected key_padding_mask of dtype torch.bool and shape (batch, seqlen_k) = ({B}, {Nk}), "
+                         f"got {getattr(key_padding_mask, 'dtype', None)} {tuple(getattr(key_padding_mask, 'shape', ()))}.")
+    return B, Nq, H, D, Nk
+
+
 def dp_flash_attn_func(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -361,15 +375,7 @@ def dp_flash_attn_func(
         return _release_with_add_noise(mech, q, k, v, causal, softmax_scale, epsilon, delta, value_clip, score_cap,
                                        score_cap_mode, record_size, key_padding_mask, head_epsilons, strategy,
                                        head_weights, seed, return_privacy_stats)
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ShapeError(f"Expected q of rank 4 (batch, seqlen, heads, head_dim), got {getattr(q, 'shape', q)!r}.")
-    B, Nq, H, D = q.shape
-    Nk = k.shape[1]
-    if key_padding_mask is not None and (not isinstance(key_padding_mask, torch.Tensor)
-                                         or tuple(key_padding_mask.shape) != (B, Nk)
-                                         or key_padding_mask.dtype != torch.bool):
-        raise ShapeError(f"Expected key_padding_mask of dtype torch.bool and shape (batch, seqlen_k) = ({B}, {Nk}), "
-                         f"got {getattr(key_padding_mask, 'dtype', None)} {tuple(getattr(key_padding_mask, 'shape', ()))}.")
+    B, Nq, H, D, Nk = _release_shapes(q, k, key_padding_mask)
     shares = _head_shares(H, strategy, head_weights)
     if head_epsilons is not None and shares is not None:
         raise PrivacyParameterError("Give either head_epsilons or strategy='importance' with head_weights, not both.")
@@ -481,14 +487,7 @@ def _release_with_add_noise(mech, q, k, v, causal, softmax_scale, epsilon, delta
             f"mechanisms; {type(mech).__name__} overrides only add_noise: give head_epsilons instead.")
     if head_weights is not None:
         raise PrivacyParameterError("head_weights are used only with strategy='importance'.")
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ShapeError(f"Expected q of rank 4 (batch, seqlen, heads, head_dim), got {getattr(q, 'shape', q)!r}.")
-    B, Nq, H, D = q.shape
-    Nk = k.shape[1]
-    if key_padding_mask is not None and (not isinstance(key_padding_mask, torch.Tensor)
-                                         or tuple(key_padding_mask.shape) != (B, Nk)
-                                         or key_padding_mask.dtype != torch.bool):
-        raise ShapeError(f"Expected key_padding_mask of dtype torch.bool and shape (batch, seqlen_k) = ({B}, {Nk}).")
+    B, Nq, H, D, Nk = _release_shapes(q, k, key_padding_mask)
     out = flash_attn_with_hooks(q, k, v, noise=None, causal=causal, softmax_scale=softmax_scale,
                                 key_padding_mask=key_padding_mask, score_cap=score_cap, score_cap_mode=score_cap_mode,
                                 value_clip=value_clip, value_clip_norm=norm)
