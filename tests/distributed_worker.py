@@ -293,7 +293,16 @@ def main_all(out_dir):
     results["sampling"] = scenario_sampling(rank)
     results["errors"] = scenario_errors(rank)
     results["seconds"] = time.perf_counter() - t0
+    import torch.distributed as dist
+
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    # gloo's C++ threads sometimes abort in interpreter teardown ("terminate called without an
+    # active exception") after everything is written and the group is destroyed; leave at once
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main_failure(mode, out_dir):
