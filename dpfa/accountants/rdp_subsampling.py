@@ -108,6 +108,18 @@ def _log_a_frac(q: float, sigma: float, alpha: float) -> float:
         n *= 4
 
 
+def _subsampled(q: float, base: Callable[[float], float], orders: Sequence[float], cgf_int) -> np.ndarray:
+    """RDP at ``orders`` from ``cgf_int(eps, alpha)``, the subsampled cumulant at integer alpha given the
+    base curve ``eps`` tabulated at integer orders; q = 1 returns ``base`` itself."""
+    orders = np.asarray(orders, dtype=np.float64)
+    if q == 1.0:
+        return np.array([float(base(a)) for a in orders])
+    finite = orders[np.isfinite(orders)]
+    max_order = int(math.ceil(float(finite.max()))) if finite.size else 2
+    eps = _base_curve(base, max(max_order, 2))
+    return _from_integer_cgf(lambda a: cgf_int(eps, a), base, orders)
+
+
 def poisson_gaussian_rdp(q: float, sigma: float, orders: Sequence[float]) -> np.ndarray:
     """RDP of the Poisson-subsampled Gaussian (Mironov, Talwar & Zhang 2019).
 
@@ -229,13 +241,7 @@ def poisson_subsampled_rdp(q: float, base: Callable[[float], float], orders: Seq
     upper bound of ZW19 Thm 6 is evaluated at integer orders >= 2; fractional orders
     use the chord of the cumulant (see the module docstring). q = 1 returns ``base``.
     """
-    orders = np.asarray(orders, dtype=np.float64)
-    if q == 1.0:
-        return np.array([float(base(a)) for a in orders])
-    finite = orders[np.isfinite(orders)]
-    max_order = int(math.ceil(float(finite.max()))) if finite.size else 2
-    eps = _base_curve(base, max(max_order, 2))
-    return _from_integer_cgf(lambda a: _poisson_cgf_int(q, eps, a), base, orders)
+    return _subsampled(q, base, orders, lambda eps, a: _poisson_cgf_int(q, eps, a))
 
 
 def without_replacement_rdp(q: float, base: Callable[[float], float], orders: Sequence[float],
@@ -247,10 +253,4 @@ def without_replacement_rdp(q: float, base: Callable[[float], float], orders: Se
     z C: the curve of sensitivity 2); ``eps_inf`` its pure-DP epsilon (inf if none).
     Integer orders >= 2 as in the theorem; fractional orders by the chord of the cumulant.
     """
-    orders = np.asarray(orders, dtype=np.float64)
-    if q == 1.0:
-        return np.array([float(base(a)) for a in orders])
-    finite = orders[np.isfinite(orders)]
-    max_order = int(math.ceil(float(finite.max()))) if finite.size else 2
-    eps = _base_curve(base, max(max_order, 2))
-    return _from_integer_cgf(lambda a: _wor_cgf_int(q, eps, eps_inf, a), base, orders)
+    return _subsampled(q, base, orders, lambda eps, a: _wor_cgf_int(q, eps, eps_inf, a))
