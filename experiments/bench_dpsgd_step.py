@@ -9,9 +9,14 @@ Model: dpfa.models.gpt GPT (d 768, 12 layers, 12 heads, vocab 8192, tied head) a
 - ``non_private``: plain loss.backward(); optimizer.step();
 - ``dpfa_flat_torch``: PrivacyEngine, flat clipping, contributions.KERNELS = "off";
 - ``dpfa_flat_kernels``: flat clipping with the Triton kernels (ghost/direct norms chosen per
-  layer by measured cost, book-keeping clipped sum, fused noise);
+  layer by measured cost, book-keeping clipped sum, fused noise), autograd's weight gradients
+  skipped (dpfa.training.deferred_weight_grad);
+- ``dpfa_flat_kernels_autograd_wgrad``: the same with autograd's weight gradients computed (and
+  discarded), as before the deferral: the deferral's effect;
 - ``dpfa_per_layer_kernels``: per-layer clipping with the kernels;
-- ``opacus_hooks`` / ``opacus_ghost``: Opacus, if importable (else recorded "not installed").
+- ``opacus_hooks`` / ``opacus_ghost_untied``: Opacus, if importable (else recorded "not installed");
+  Opacus's ghost clipping refuses tied weights, so it runs on the same GPT with an untied head
+  (6.3M more parameters, the same FLOPs).
 
 Each (shape, mode): fresh model, ``--warmup`` steps (Triton compiles, the kernel choice is
 measured), then ``--steps`` timed steps (CUDA events per step; the median is reported) and
@@ -43,8 +48,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 FULL = dict(vocab_size=8192, n_layer=12, n_head=12, n_embd=768, shapes=[(16, 512), (8, 2048), (64, 128)])
 TINY = dict(vocab_size=128, n_layer=2, n_head=2, n_embd=32, shapes=[(4, 32), (2, 64)])
-MODES = ["non_private", "dpfa_flat_torch", "dpfa_flat_kernels", "dpfa_per_layer_kernels", "opacus_hooks",
-         "opacus_ghost"]
+MODES = ["non_private", "dpfa_flat_torch", "dpfa_flat_kernels_autograd_wgrad", "dpfa_flat_kernels",
+         "dpfa_per_layer_kernels", "opacus_hooks", "opacus_ghost_untied"]
 TARGETS = "issue 6: flat <= 1.10 at T 128, <= 1.30 at T 512/2048; per-layer <= 1.10; peak memory <= 1.25x"
 
 
@@ -53,11 +58,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _build(cfg, T, device):
+def _build(cfg, T, device, tie_weights=True):
     from dpfa.models.gpt import GPT, GPTConfig
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=cfg["vocab_size"], block_size=T, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
-                         n_embd=cfg["n_embd"])).to(device)
+                         n_embd=cfg["n_embd"], tie_weights=tie_weights)).to(device)
 
 
 def _loss(logits, y):
@@ -66,16 +71,16 @@ def _loss(logits, y):
 
 def _make_step(mode, cfg, B, T, device):
     """(step function, model) for one mode; raises ImportError for a missing Opacus."""
-    from dpfa.training import PrivacyEngine, contributions
+    from dpfa.training import PrivacyEngine, collector, contributions
 
-    model = _build(cfg, T, device)
+    model = _build(cfg, T, device, tie_weights=not mode.endswith("_untied"))
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg["vocab_size"], (B, T), generator=g).to(device)
     y = torch.randint(0, cfg["vocab_size"], (B, T), generator=g).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=B)
-    kernels = "on" if mode.endswith("_kernels") else "off"
+    kernels = "on" if "_kernels" in mode else "off"
     if mode == "non_private":
         def step():
             opt.zero_grad(set_to_none=True)
@@ -87,10 +92,14 @@ def _make_step(mode, cfg, B, T, device):
     if mode.startswith("dpfa"):
         engine = PrivacyEngine(accountant="rdp", seed=0)
         clipping = "per_layer" if "per_layer" in mode else "flat"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model, opt, _ = engine.make_private(model, opt, loader, noise_multiplier=1.0, target_delta=1e-5,
-                                                max_grad_norm=1.0, clipping=clipping, poisson_sampling=False)
+        defer, collector.DEFER_WEIGHT_GRADIENTS = collector.DEFER_WEIGHT_GRADIENTS, not mode.endswith("_wgrad")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model, opt, _ = engine.make_private(model, opt, loader, noise_multiplier=1.0, target_delta=1e-5,
+                                                    max_grad_norm=1.0, clipping=clipping, poisson_sampling=False)
+        finally:
+            collector.DEFER_WEIGHT_GRADIENTS = defer
 
         def step():  # the switch holds for the backward too: the collector's hooks run there
             with contributions.use_kernels(kernels):
@@ -102,7 +111,7 @@ def _make_step(mode, cfg, B, T, device):
         return step, model, kernels
     from opacus import PrivacyEngine as OpacusEngine  # ImportError: recorded as not installed
     engine = OpacusEngine()
-    mode_name = "ghost" if mode == "opacus_ghost" else "hooks"
+    mode_name = "ghost" if mode.startswith("opacus_ghost") else "hooks"
     criterion = torch.nn.CrossEntropyLoss()
     if mode_name == "ghost":
         model, opt, criterion, _ = engine.make_private(module=model, optimizer=opt, data_loader=loader,
@@ -219,7 +228,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
                      "python": platform.python_version()},
-        "model": {k: v for k, v in cfg.items() if k != "shapes"} | {"tie_weights": True},
+        "model": {k: v for k, v in cfg.items() if k != "shapes"} | {"tie_weights": "True (opacus_ghost_untied: False)"},
         "optimizer": "AdamW", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "autocast": "bfloat16",
         "steps": steps, "warmup": warmup, "targets": TARGETS, "tiny": args.tiny, "results": rows,
         # per (T, out, in, dtypes, batch): True = the ghost norm measured faster than the direct one;

@@ -20,6 +20,10 @@ original graph, so the hooks that a recomputed output gets never fire and every 
 contribution arrives once, through the original forward's hook; reentrant checkpointing ran
 the original forward without grad (no hook) and backpropagates through the recomputation,
 whose hooks deliver each contribution once.
+
+With ``defer_weight_grads`` (the engine's choice outside DDP/FSDP wrappers) the hooked
+Linear, Conv1D and Embedding modules run a forward whose backward skips their parameter
+gradients (deferred_weight_grad.py): the optimizer computes them once, clipped.
 """
 
 from __future__ import annotations
@@ -31,9 +35,13 @@ from torch import nn
 
 from dpfa.errors import DPFAError
 from dpfa.training.contributions import Contribution
+from dpfa.training.deferred_weight_grad import defer_weight_gradients
 from dpfa.training.layer_rules import UNUSED_PARAMETERS, UnsupportedLayerError, rule_for
 
 LOSS_REDUCTIONS = ("mean", "sum")
+#: Whether engines skip autograd's (non-private, unused) weight gradients of the layers that allow it
+#: (deferred_weight_grad.py). Read by PrivacyEngine.make_private; False keeps autograd's own backward.
+DEFER_WEIGHT_GRADIENTS = True
 
 
 class GradSampleCollector:
@@ -45,7 +53,8 @@ class GradSampleCollector:
     the logical batch it came from, so that the optimizer can refuse to mix logical batches.
     """
 
-    def __init__(self, module: nn.Module, loss_reduction: str = "mean", batch_info: Optional[object] = None):
+    def __init__(self, module: nn.Module, loss_reduction: str = "mean", batch_info: Optional[object] = None,
+                 defer_weight_grads: bool = False):
         if loss_reduction not in LOSS_REDUCTIONS:
             raise DPFAError(f"Unknown loss_reduction={loss_reduction!r}; expected 'mean' or 'sum'.")
         self.module = module
@@ -64,10 +73,11 @@ class GradSampleCollector:
         #: layer runs; contributions are keyed by the registered parameter, the one the optimizer holds)
         self._owned: Dict[int, Dict[str, nn.Parameter]] = {}
         self.parameters: List[nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
-        self._attach()
+        self._undo_deferral = None
+        self._attach(defer_weight_grads)
 
     # --------------------------------------------------------------- set-up
-    def _attach(self) -> None:
+    def _attach(self, defer_weight_grads: bool) -> None:
         self._handles.append(self.module.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
         covered: set[int] = set()
         for name, sub in self.module.named_modules():
@@ -89,12 +99,18 @@ class GradSampleCollector:
         missing = [n for n, p in self.module.named_parameters() if p.requires_grad and id(p) not in covered]
         if missing:
             raise UnsupportedLayerError(f"Trainable parameters {missing} belong to no supported module.")
+        if defer_weight_grads:
+            hooked = [sub for sub in self.module.modules() if id(sub) in self._owned]
+            self._undo_deferral = defer_weight_gradients(hooked)
 
     def detach(self) -> None:
         """Remove the hooks (the module becomes an ordinary module again)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._undo_deferral is not None:
+            self._undo_deferral()
+            self._undo_deferral = None
 
     # ---------------------------------------------------------------- hooks
     def _root_pre_hook(self, module: nn.Module, args, kwargs):

@@ -23,6 +23,7 @@ from dpfa import _validate, accountants, mechanisms
 from dpfa.accountants.calibration import noise_multiplier_for
 from dpfa.errors import BudgetExceededError, DPFAError, PrivacyParameterError, StateMismatchError
 from dpfa.training.clipping import CLIPPING_MODES, per_layer_thresholds
+from dpfa.training import collector as collector_module
 from dpfa.training.collector import GradSampleCollector
 from dpfa.training import distributed
 from dpfa.training.data_loader import (BatchInfo, DPDataLoader, PoissonBatchSampler,
@@ -203,7 +204,11 @@ class PrivacyEngine:
         converted, replaced = convert_multihead_attention(hooked)
         remap_optimizer(optimizer, replaced)
         module = converted if hooked is module else module
-        collector = GradSampleCollector(converted, loss_reduction=loss_reduction, batch_info=self.batch_info)
+        # autograd's own weight gradients are skipped (deferred_weight_grad.py), except under a DDP/FSDP
+        # wrapper, whose gradient hooks wait for every parameter's
+        defer = collector_module.DEFER_WEIGHT_GRADIENTS and (reducer is None or not reducer.requires_backward)
+        collector = GradSampleCollector(converted, loss_reduction=loss_reduction, batch_info=self.batch_info,
+                                        defer_weight_grads=defer)
         thresholds = None
         if clipping == "per_layer":
             cs = per_layer_thresholds(collector.parameters, self.max_grad_norm, per_layer_norms)
