@@ -180,8 +180,8 @@ class AdaptiveNoiseCalibrator:
                 model.zero_grad(set_to_none=True)
                 loss_fn(model(x), y).backward()
                 total = None
-                for group in collector.groups():
-                    sq = sum(v.double().pow(2) for v in per_example_norms(group).values())
+                for group, scale in zip(collector.groups(), collector.group_scales()):
+                    sq = scale**2 * sum(v.double().pow(2) for v in per_example_norms(group).values())
                     total = sq if total is None else torch.cat([total, sq])
                 model.zero_grad(set_to_none=True)
                 collector.clear()

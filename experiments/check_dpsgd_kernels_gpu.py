@@ -51,9 +51,13 @@ def main():
             ref = direct_sq_norms_reference(L, R)
             check(f"ghost {dtype} {B, T, O, I}", rel(ghost_sq_norms([(L, R)]), ref), 1e-4)
             check(f"direct {dtype} {B, T, O, I}", rel(direct_sq_norms(L, R), ref), 1e-4)
-            scaled = (L.float() * c.float()[:, None, None]).to(dtype)
-            check(f"clipped_sum {dtype} {B, T, O, I}",
-                  rel(clipped_sum(L, R, c), clipped_sum_reference(scaled, R, torch.ones(B, device=dev))), 1e-4)
+            # c_b scales the float32 product of the rounded operands (the kernel's accumulator), to fp32 accuracy
+            check(f"clipped_sum {dtype} {B, T, O, I}", rel(clipped_sum(L, R, c), clipped_sum_reference(L, R, c.float())),
+                  1e-5)
+            only = torch.zeros_like(c)
+            only[-1] = 0.3 / ref[-1].sqrt()  # one example clipped to 0.3 by the norm kernels' own norm
+            n = clipped_sum(L, R, only).double().norm().item()
+            check(f"clipped norm / C - 1 {dtype} {B, T, O, I}", abs(n / 0.3 - 1), 1e-5)
     rows = torch.randint(0, 500, (4, 300), device=dev, generator=g)
     ge = torch.randn(4, 300, 64, device=dev, generator=g, dtype=torch.bfloat16)
     hl = torch.randn(4, 300, 500, device=dev, generator=g, dtype=torch.bfloat16)

@@ -86,6 +86,36 @@ def profile(mode, cfg, B, T, device, warmup, steps):
             "top_kernels": [{"name": n[:160], "ms": ms, "calls": calls[n] / steps} for n, ms in by_name.most_common(25)]}
 
 
+def host_profile(mode, cfg, B, T, device, warmup, steps, top=35):
+    """cProfile of ``steps`` steps: where the host (Python) time goes. Returns the top functions by own time."""
+    import cProfile
+    import pstats
+
+    import bench_dpsgd_step as bench
+
+    step, model, _ = bench._make_step(mode, cfg, B, T, device)
+    for _ in range(warmup):
+        step()
+    bench._sync(device)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    bench._sync(device)
+    prof.disable()
+    wall_ms = 1e3 * (time.perf_counter() - t0) / steps
+    stats = pstats.Stats(prof)
+    rows = []
+    for (file, line, fn), (cc, nc, tt, ct, _) in stats.stats.items():
+        rows.append({"function": f"{pathlib.Path(file).name}:{line}:{fn}", "calls": nc / steps,
+                     "own_ms": 1e3 * tt / steps, "cum_ms": 1e3 * ct / steps})
+    del step, model
+    return {"B": B, "T": T, "mode": mode, "wall_ms_under_cprofile": wall_ms,
+            "by_own_time": sorted(rows, key=lambda r: -r["own_ms"])[:top],
+            "by_cum_time": sorted(rows, key=lambda r: -r["cum_ms"])[:top]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a 2-layer GPT on CPU (kernels under TRITON_INTERPRET=1)")
@@ -94,6 +124,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--modes", default="non_private,dpfa_flat_kernels,dpfa_per_layer_kernels")
     ap.add_argument("--shapes", default=None, help="B:T pairs, comma-separated (default: the benchmark's)")
+    ap.add_argument("--host", action="store_true", help="profile the host (cProfile) instead of the GPU kernels")
     args = ap.parse_args(argv)
     if args.tiny and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -106,6 +137,21 @@ def main(argv=None):
     shapes = cfg["shapes"] if args.shapes is None else [tuple(int(v) for v in s.split(":"))
                                                         for s in args.shapes.split(",")]
     rows = []
+    if args.host:
+        for B, T in shapes:
+            for mode in args.modes.split(","):
+                r = host_profile(mode, cfg, B, T, device, args.warmup, args.steps)
+                rows.append(r)
+                print(f"B {B:3d} T {T:5d} {mode:24s} wall under cProfile {r['wall_ms_under_cprofile']:7.1f} ms")
+                for key in ("by_own_time", "by_cum_time"):
+                    print(f"   {key}:")
+                    for f in r[key][:25]:
+                        print(f"     own {f['own_ms']:7.2f}  cum {f['cum_ms']:7.2f} ms  x{f['calls']:6.0f}  "
+                              f"{f['function'][:90]}")
+        out = pathlib.Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "dpsgd_host_profile.json").write_text(json.dumps({"device": str(device), "results": rows}, indent=1))
+        return rows
     for B, T in shapes:
         for mode in args.modes.split(","):
             r = profile(mode, cfg, B, T, device, args.warmup, args.steps)

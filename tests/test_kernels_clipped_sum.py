@@ -26,9 +26,9 @@ SHAPES = [(5, 37, 13, 21, 16, 3), (7, 1, 5, 3, 16, 1), (3, 20, 33, 17, 32, 2), (
 
 
 def expected_sum(left, right, c, dtype):
-    """The float64 sum of the operands the kernel multiplies: c_b L rounded to the compute dtype."""
-    scaled = (left.float() * c.float()[:, None, None]).to(dtype)
-    return clipped_sum_reference(scaled, right.to(dtype), torch.ones(len(c)))
+    """The float64 sum_b c_b L_b^T R_b of the operands rounded to the compute dtype, as the norm kernels
+    round them: the factor c_b is not rounded into an operand."""
+    return clipped_sum_reference(left.to(dtype), right.to(dtype), c.float())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -56,6 +56,32 @@ def test_mixed_dtypes_and_noncontiguous_factors(gen):
     got = clipped_sum(left, right, c, block_o=16, block_i=16, block_k=16, splits=2)
     expected = expected_sum(left, right, c, torch.bfloat16)
     assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_factor_scales_the_float32_product_not_a_rounded_operand(dtype, gen):
+    """Each example's clipped contribution is c_b times the product whose norm was measured, to float32
+    accuracy. Rounding c_b L_b to 16 bits instead (an earlier form) is off by ~2^-9 relative per entry and
+    fails this; factors spanning 2^-40..1, zeros and tiny ones exercise the accumulator's rescaling."""
+    B, T, O, I = 6, 40, 24, 20
+    left = torch.randn(B, T, O, generator=gen).to(dtype)
+    right = torch.randn(B, T, I, generator=gen)
+    c = torch.tensor([1.0, 0.37, 0.0, 2.0**-40, 2.0**-110, 0.9], dtype=torch.float64)
+    for splits in (1, 2, 4):
+        got = clipped_sum(left, right, c, block_o=16, block_i=16, block_k=16, splits=splits).double()
+        truth = expected_sum(left, right, c, dtype)
+        assert ((got - truth).norm() / truth.norm()).item() < 2e-6, splits
+    # each example alone: c_b M_b to float32 accuracy (a tiny factor does not vanish into the others' error)
+    for b in (1, 3):
+        only = torch.zeros(B, dtype=torch.float64)
+        only[b] = c[b]
+        got = clipped_sum(left, right, only, block_o=16, block_i=16, block_k=16, splits=2).double()
+        truth = expected_sum(left, right, only, dtype)
+        assert ((got - truth).norm() / truth.norm()).item() < 2e-6
+    old_form = clipped_sum_reference((left.float() * c.float()[:, None, None]).to(dtype), right.to(dtype),
+                                     torch.ones(B))
+    truth = expected_sum(left, right, c, dtype)
+    assert ((old_form - truth).norm() / truth.norm()).item() > 1e-4  # the test tells the two forms apart
 
 
 def test_zero_factors_and_empty_batch(gen):
@@ -127,3 +153,23 @@ def test_kernels_off_uses_torch_path(gen, kernel_calls):
     with contributions.use_kernels("off"):
         private_grads(mlp_model(), mse_loss, x, y, 1.0)
     assert sum(kernel_calls.values()) == 0
+
+
+@pytest.mark.parametrize("method", ["ghost", "direct"])
+def test_kernel_norm_then_kernel_sum_clip_bf16_to_c(method, gen):
+    """The chain the engine runs on a GPU, under the interpreter: the norm kernel's per-example norm of
+    bf16 factors, then the clipped-sum kernel with c_b = C / n_b for one example at a time, gives a
+    clipped gradient of norm C to float32 accuracy (the tied embedding + head form included)."""
+    B, T, V, d = 3, 12, 10, 6
+    head = contributions.Factored(left=torch.randn(B, T, V, generator=gen).bfloat16(),
+                                  right=torch.randn(B, T, d, generator=gen))  # fp32 input, bf16 gradient
+    emb = contributions.Factored(left=torch.randint(0, V, (B, T), generator=gen),
+                                 right=torch.randn(B, T, d, generator=gen).bfloat16(), num_rows=V)
+    for cs in ([head], [emb, head]):
+        with contributions.use_kernels("on"):
+            norms = contributions.squared_norms(cs, method if len(cs) == 1 else "auto").double().sqrt()
+            for b in range(B):
+                factors = torch.zeros(B, dtype=torch.float64)
+                factors[b] = 0.3 / norms[b]
+                clipped = contributions.clipped_sum(cs, factors, torch.Size((V, d)))
+                assert abs(clipped.double().norm().item() / 0.3 - 1) < 2e-6, (len(cs), b)

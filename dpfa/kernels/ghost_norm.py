@@ -183,21 +183,23 @@ def ghost_sq_norms(terms: Sequence[Term], *, block_t: int | None = None, block_k
     if any(r.shape[0] != B for _, r in terms):
         raise ShapeError(f"All terms need batch size {B}, got {[tuple(r.shape) for _, r in terms]}.")
     factors.check_device(*[t for term in terms for t in term])
-    out = torch.zeros(B, device=terms[0][1].device, dtype=torch.float32)
     if B == 0:
-        return out
+        return torch.zeros(B, device=terms[0][1].device, dtype=torch.float32)
     compute = factors.compute_dtype(t for term in terms for t in term)
     T_max = max(r.shape[1] for _, r in terms)
     K_max = max([r.shape[2] for _, r in terms] + [l.shape[2] for l, _ in terms if not _is_one_hot(l)])
     interp = interpreted()
     bt = block_t or (factors.block(T_max, 16, 128) if interp else GPU_BLOCK_T)
     bk = block_k or (factors.block(K_max, 16, 256) if interp else GPU_BLOCK_K)
+    device = terms[0][1].device
     terms = [(l, r) for l, r in terms if r.shape[1] > 0]
+    out = None
     for i, a in enumerate(terms):
-        out += _cross(a, a, True, compute, bt, bk)
+        part = _cross(a, a, True, compute, bt, bk)
+        out = part if out is None else out + part
         for b in terms[i + 1:]:
-            out += 2.0 * _cross(a, b, False, compute, bt, bk)
-    return out
+            out = out + 2.0 * _cross(a, b, False, compute, bt, bk)
+    return torch.zeros(B, device=device, dtype=torch.float32) if out is None else out
 
 
 def ghost_sq_norms_reference(terms: Sequence[Term]) -> torch.Tensor:

@@ -48,8 +48,9 @@ class GradSampleCollector:
     """Collects, per trainable parameter, the contributions of the current physical batch(es).
 
     ``loss_reduction="mean"``: the loss is a mean over the batch, so output gradients are
-    1/B times those of the per-example losses and are scaled back by B (B of the backward
-    pass that delivers them). ``batch_info`` (the loader's BatchInfo) tags each group with
+    1/B times those of the per-example losses (B of the backward pass that delivers them).
+    They are kept as they are; :meth:`group_scales` gives each group's B, which clipping
+    applies to the B norms and B clip factors (not to every output gradient). ``batch_info`` (the loader's BatchInfo) tags each group with
     the logical batch it came from, so that the optimizer can refuse to mix logical batches.
     """
 
@@ -65,6 +66,9 @@ class GradSampleCollector:
         self.sealed: List[Dict[nn.Parameter, List[Contribution]]] = []
         #: the logical batch (BatchInfo.logical_batch) of each group: sealed ones, then the current one
         self.sealed_logical: List[Optional[int]] = []
+        #: the batch size of each sealed group (its contributions are 1/B of the per-example gradients'
+        #: under loss_reduction="mean")
+        self.sealed_batch: List[Optional[int]] = []
         self.logical: Optional[int] = None
         self.batch_info = batch_info
         self._handles: list = []
@@ -124,6 +128,7 @@ class GradSampleCollector:
         if self.contributions:
             self.sealed.append(self.contributions)
             self.sealed_logical.append(self.logical)
+            self.sealed_batch.append(self.batch_size)
             self.contributions, self.batch_size, self.logical = {}, None, None
         x = args[0] if args else next(iter(kwargs.values()), None)
         self._forward_batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else None
@@ -164,8 +169,6 @@ class GradSampleCollector:
             )
         if not self.contributions:
             self.logical = getattr(self.batch_info, "logical_batch", None)
-        if self.loss_reduction == "mean":
-            g = g * batch
         for pname, contribution in rule(module, x, g).items():
             p = self._owned.get(id(module), {}).get(pname)
             p = getattr(module, pname) if p is None else p
@@ -175,11 +178,17 @@ class GradSampleCollector:
     def clear(self) -> None:
         self.contributions = {}
         self.batch_size = None
-        self.sealed, self.sealed_logical, self.logical = [], [], None
+        self.sealed, self.sealed_logical, self.sealed_batch, self.logical = [], [], [], None
 
     def groups(self) -> List[Dict[nn.Parameter, List[Contribution]]]:
         """One {parameter: contributions} per backward pass since the last clear(); examples never span two."""
         return [g for g in self.sealed + [self.contributions] if g]
+
+    def group_scales(self) -> List[float]:
+        """For each of :meth:`groups`, the factor from its contributions to the per-example gradients:
+        the group's batch size under loss_reduction="mean", else 1."""
+        pairs = zip(self.sealed + [self.contributions], self.sealed_batch + [self.batch_size])
+        return [float(b or 1) if self.loss_reduction == "mean" else 1.0 for g, b in pairs if g]
 
     def logical_batches(self) -> set:
         """The logical batches (BatchInfo.logical_batch) that the pending groups came from."""

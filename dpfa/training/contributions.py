@@ -159,9 +159,11 @@ def _ghost_sq_norms(left: Sequence[torch.Tensor], right: torch.Tensor, rows: Opt
 
 
 def _common(left: torch.Tensor, right: torch.Tensor):
-    """Both factors in one dtype: under autocast a layer's input (the fp32 residual stream) and
-    its output gradient (bf16) differ; the matmul then runs in the wider of the two."""
-    dtype = torch.promote_types(left.dtype, right.dtype)
+    """Both factors in one dtype of at least float32: under autocast a layer's input (the fp32 residual
+    stream) and its output gradient (bf16) differ. The torch path computes norms and clipped sums of the
+    same values in float32 or wider, so that a clipped gradient's norm is C to float32 accuracy (16-bit
+    products would round the norms and the clip factors by ~2^-9)."""
+    dtype = torch.promote_types(torch.promote_types(left.dtype, right.dtype), torch.float32)
     return left.to(dtype), right.to(dtype)
 
 
@@ -222,19 +224,26 @@ def _kernel_ghost_wins(left: torch.Tensor, right: torch.Tensor) -> bool:
 
 
 def _scaled_matmul_sum(left: torch.Tensor, right: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """sum_b c_b L_b^T R_b as one cuBLAS matmul on (c_b L_b) rounded to the kernels' compute dtype."""
-    from dpfa.kernels.factors import compute_dtype
-
-    dtype = compute_dtype((left, right))
-    scaled = (left * factors.to(device=left.device, dtype=torch.float32)[:, None, None]).to(dtype)
-    return torch.mm(scaled.reshape(-1, scaled.shape[-1]).t(), right.to(dtype).reshape(-1, right.shape[-1])).float()
+    """sum_b c_b L_b^T R_b for float32 factors as one cuBLAS matmul, L^T (c R) or (c L)^T R (the narrower
+    factor scaled). Only for float32: rounding c_b L_b to 16 bits would perturb the clipped gradient by up to
+    2^-8 ||L_b|| ||R_b||, beyond C (the clipped-sum kernel scales its float32 accumulator instead)."""
+    if not (left.dtype == right.dtype == torch.float32):
+        raise TypeError(f"_scaled_matmul_sum is for float32 factors, got {left.dtype} and {right.dtype}.")
+    f = factors.to(device=left.device, dtype=torch.float32)[:, None, None]
+    if right.shape[-1] < left.shape[-1]:
+        a, b = left, right * f
+    else:
+        a, b = left * f, right
+    return torch.mm(a.reshape(-1, a.shape[-1]).t(), b.reshape(-1, b.shape[-1]))
 
 
 def _kernel_clipped_sum(left: torch.Tensor, right: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """The clipped-sum kernel, or on CUDA the scaled cuBLAS matmul where it measured faster (once per shape)."""
+    """The clipped-sum kernel; for float32 factors on CUDA the scaled cuBLAS matmul where it measured faster
+    (once per shape). 16-bit factors always take the kernel (see _scaled_matmul_sum)."""
     from dpfa.kernels.clipped_sum import clipped_sum as kernel_clipped_sum
 
-    if not (MEASURE_KERNEL_COST and right.is_cuda and right.shape[0] > 0):
+    fp32 = left.dtype == right.dtype == torch.float32
+    if not (fp32 and MEASURE_KERNEL_COST and right.is_cuda and right.shape[0] > 0):
         return kernel_clipped_sum(left, right, factors)
     key = ("sum", _batch_bucket(left.shape[0])) + tuple(left.shape[1:]) + (right.shape[-1], left.dtype, right.dtype,
                                                                            str(right.device))
@@ -272,7 +281,8 @@ def squared_norms(contributions: Sequence[Contribution], method: str = "auto") -
         total = contributions[0].grad
         for c in contributions[1:]:
             total = total + c.grad
-        return total.flatten(1).pow(2).sum(1).float() if total.dtype != torch.float64 else total.flatten(1).pow(2).sum(1)
+        wide = total.flatten(1).to(torch.promote_types(total.dtype, torch.float32))
+        return wide.pow(2).sum(1)
     if not all(isinstance(c, Factored) for c in contributions):
         raise TypeError("A parameter cannot mix factored and materialised per-example contributions.")
     transposes = {c.transpose for c in contributions}
@@ -283,9 +293,9 @@ def squared_norms(contributions: Sequence[Contribution], method: str = "auto") -
         return _kernel_sq_norms(contributions, method)
     if len(contributions) == 1 and contributions[0].num_rows is not None:
         c = contributions[0]
-        return _ghost_sq_norms(None, c.right, rows=c.left)
-    left = torch.cat([c.dense_left() for c in contributions], dim=1)
-    right = torch.cat([c.right for c in contributions], dim=1)
+        return _ghost_sq_norms(None, c.right.to(torch.promote_types(c.right.dtype, torch.float32)), rows=c.left)
+    left, right = _common(torch.cat([c.dense_left() for c in contributions], dim=1),
+                          torch.cat([c.right for c in contributions], dim=1))
     T, n_out, n_in = right.shape[1], left.shape[2], right.shape[2]
     use_ghost = method == "ghost" or (method == "auto" and prefers_ghost(T, n_out, n_in))
     return _ghost_sq_norms(left, right) if use_ghost else _direct_sq_norms(left, right)
@@ -296,10 +306,12 @@ def clipped_sum(contributions: Sequence[Contribution], factors: torch.Tensor, sh
     total = None
     for c in contributions:
         if isinstance(c, PerExample):
-            part = torch.einsum("b,b...->...", factors.to(c.grad.dtype), c.grad)
-        elif c.num_rows is not None:
-            weighted = c.right * factors.to(c.right.dtype)[:, None, None]
-            part = c.right.new_zeros(c.num_rows, c.right.shape[-1])
+            wide = torch.promote_types(c.grad.dtype, torch.float32)
+            part = torch.einsum("b,b...->...", factors.to(device=c.grad.device, dtype=wide), c.grad.to(wide))
+        elif c.num_rows is not None:  # in (at least) float32: a 16-bit c_b g_t would round the clip factor
+            wide = torch.promote_types(c.right.dtype, torch.float32)
+            weighted = c.right.to(wide) * factors.to(device=c.right.device, dtype=wide)[:, None, None]
+            part = weighted.new_zeros(c.num_rows, c.right.shape[-1])
             part.index_add_(0, c.left.reshape(-1), weighted.reshape(-1, c.right.shape[-1]))
         elif kernels_enabled(c.right.device) and _kernel_dtypes(c.left, c.right):
             part = _kernel_clipped_sum(c.left, c.right, factors)

@@ -40,12 +40,11 @@ class _LinearInputGradOnly(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         dtype = _autocast_dtype(x.device.type)
-        w = weight if dtype is None else weight.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(x if dtype is None else x.to(dtype), w,
-                         None if bias is None else (bias if dtype is None else bias.to(dtype)))
-        ctx.save_for_backward(w)
-        return y
+        if dtype is not None:  # autocast's casts, made here so that the backward can keep the cast weight
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight, bias)  # operands already in autocast's dtype: it casts nothing
 
     @staticmethod
     def backward(ctx, g):

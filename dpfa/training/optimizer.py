@@ -134,10 +134,10 @@ class DPOptimizer:
                 )
             return
         self.summed_logical |= self.collector.logical_batches()
-        for group in self.collector.groups():  # one group per backward pass: its own examples
+        for group, scale in zip(self.collector.groups(), self.collector.group_scales()):  # one per backward pass
             norms = [] if self.adaptive is not None else None
             sums = clipped_grads(group, self.max_grad_norm, self.clipping, self.norm, self.per_layer_thresholds,
-                                 norms_out=norms)
+                                 norms_out=norms, scale=scale)
             if norms:  # clipping="adaptive": the private count of unclipped examples (dpfa.calibration)
                 self.adaptive.observe(norms[0], self.max_grad_norm)
             for p, s in sums.items():
