@@ -125,7 +125,9 @@ def _make_step(mode, cfg, B, T, device):
         opt.zero_grad(set_to_none=True)
         with autocast:
             logits = model(x)
-        loss = criterion(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        flat = (logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        # ghost clipping needs the (B, T, vocab) shape to turn token losses into per-sequence ones
+        loss = criterion(*flat, shape=logits.shape) if mode_name == "ghost" else criterion(*flat)
         loss.backward()
         opt.step()
     return step, model, "n/a"

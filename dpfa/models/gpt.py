@@ -73,7 +73,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.size()
-        pos = torch.arange(T, device=idx.device).expand(B, T)  # per example, so its gradient is per example
+        # per example, so that its gradient is per example; contiguous, as some per-sample libraries view it
+        pos = torch.arange(T, device=idx.device).repeat(B, 1)
         x = self.tok(idx) + self.pos(pos)
         for block in self.blocks:
             x = block(x)
