@@ -39,7 +39,7 @@ def test_clipped_sum_matches_float64(shape, dtype, gen):
     right = torch.randn(B, T, I, generator=gen).to(dtype)
     c = torch.rand(B, generator=gen, dtype=torch.float64)
     c[0] = 1.0
-    got = clipped_sum(left, right, c, block_o=tile, block_i=tile, block_k=tile, splits=splits, flat=B % 2 == 1)
+    got = clipped_sum(left, right, c, block_o=tile, block_i=tile, block_k=tile, splits=splits)
     assert got.dtype == torch.float32 and got.shape == (O, I)
     expected = expected_sum(left, right, c, dtype)
     assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-5
@@ -68,10 +68,10 @@ def test_the_factor_scales_the_float32_product_not_a_rounded_operand(dtype, gen)
     right = torch.randn(B, T, I, generator=gen)
     c = torch.tensor([1.0, 0.37, 0.0, 2.0**-40, 2.0**-110, 0.9], dtype=torch.float64)
     for splits in (1, 2, 4):
-        for flat in (False, True):  # the per-example loop and the flat (example, chunk) loop
-            got = clipped_sum(left, right, c, block_o=16, block_i=16, block_k=16, splits=splits, flat=flat).double()
+        for block_k in (16, 64):  # several chunks per example, and one (T <= BLOCK_K)
+            got = clipped_sum(left, right, c, block_o=16, block_i=16, block_k=block_k, splits=splits).double()
             truth = expected_sum(left, right, c, dtype)
-            assert ((got - truth).norm() / truth.norm()).item() < 2e-6, (splits, flat)
+            assert ((got - truth).norm() / truth.norm()).item() < 2e-6, (splits, block_k)
     # each example alone: c_b M_b to float32 accuracy (a tiny factor does not vanish into the others' error)
     for b in (1, 3):
         only = torch.zeros(B, dtype=torch.float64)

@@ -47,10 +47,8 @@ PROGRAMS_PER_SM = 2
 #: split-K partial sums may take at most this many bytes
 SPLIT_BUFFER_BYTES = 256 * 2**20
 
-#: (BLOCK_O, BLOCK_I, BLOCK_K, warps, stages, FLAT) tried once per shape on a GPU; the fastest is kept
-GPU_CONFIGS = tuple(cfg + (flat,) for flat in (False, True) for cfg in (
-    (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-    (128, 128, 128, 8, 2), (64, 128, 128, 4, 3)))
+#: (BLOCK_O, BLOCK_I, BLOCK_K, warps, stages) tried once per shape on a GPU; the fastest is kept
+GPU_CONFIGS = ((128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 128, 4, 3))
 _CHOSEN: Dict[tuple, tuple] = {}
 #: clip factors below this are treated as 0 (the example is left out, which only lowers its contribution)
 TINY_FACTOR = 2.0**-100
@@ -62,13 +60,10 @@ _SMS: Dict[int, int] = {}
 def _clipped_sum_kernel(l_ptr, r_ptr, c_ptr, out_ptr, T, O, I, n_tiles_i, examples_per_split, B,
                         s_l_b, s_l_t, s_l_o, s_r_b, s_r_t, s_r_i, s_out_split,
                         BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-                        ONE_CHUNK: tl.constexpr, FLAT: tl.constexpr, COMPUTE: tl.constexpr, UPCAST: tl.constexpr,
-                        IEEE: tl.constexpr):
+                        ONE_CHUNK: tl.constexpr, COMPUTE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """out[split, o, i] = sum over the examples b of this split of c[b] sum_t L[b, t, o] R[b, t, i].
 
-    ``ONE_CHUNK`` (T <= BLOCK_K): no inner loop, so that the loads of the next examples are prefetched.
-    ``FLAT``: one loop over all (example, chunk) pairs, the rescaling in a branch taken at each
-    example's first chunk (loads prefetched across examples; short sequences)."""
+    ``ONE_CHUNK`` (T <= BLOCK_K): no inner loop, so that the loads of the next examples are prefetched."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     offs_o = (tile // n_tiles_i) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -80,26 +75,6 @@ def _clipped_sum_kernel(l_ptr, r_ptr, c_ptr, out_ptr, T, O, I, n_tiles_i, exampl
     acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
     c_prev = tl.full((), 1.0, tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
-    if FLAT:
-        cpe = tl.cdiv(T, BLOCK_K)
-        for k in range(b0 * cpe, b1 * cpe):
-            b = k // cpe
-            j = k - b * cpe
-            c = tl.load(c_ptr + b)
-            live = c > 0.0
-            if j == 0:
-                c_safe = tl.where(live, c, 1.0)
-                acc = acc * tl.where(live, c_prev / c_safe, 1.0)
-                c_prev = tl.where(live, c_safe, c_prev)
-            t = j * BLOCK_K + offs_k
-            valid = t < tl.where(live, T, 0)
-            b64 = b0.to(tl.int64) + (b - b0)
-            lt = tl.load(l_ptr + b64 * s_l_b + t[:, None] * s_l_t + offs_o[None, :] * s_l_o,
-                         mask=valid[:, None] & in_o, other=0.0)
-            rt = tl.load(r_ptr + b64 * s_r_b + t[:, None] * s_r_t + offs_i[None, :] * s_r_i,
-                         mask=valid[:, None] & in_i, other=0.0)
-            acc = dot(tl.trans(operand(lt, COMPUTE, UPCAST)), operand(rt, COMPUTE, UPCAST), acc, IEEE)
-        b1 = b0  # the per-example loop below then does nothing
     for b in range(b0, b1):
         c = tl.load(c_ptr + b)
         live = c > 0.0
@@ -149,14 +124,13 @@ def _splits(device: torch.device, tiles: int, B: int, O: int, I: int) -> int:
 
 
 def clipped_sum(left: torch.Tensor, right: torch.Tensor, factors_b: torch.Tensor, *, block_o: int | None = None,
-                block_i: int | None = None, block_k: int | None = None, splits: int | None = None,
-                flat: bool | None = None) -> torch.Tensor:
+                block_i: int | None = None, block_k: int | None = None, splits: int | None = None) -> torch.Tensor:
     """``sum_b factors_b L_b^T R_b`` as a float32 (out, in) tensor.
 
     ``left`` (B, T, out), ``right`` (B, T, in): float16, bfloat16 or float32 (multiplied in
     ``factors.compute_dtype``, float32 accumulation); ``factors_b`` (B,) any float dtype (used
     in float32). CUDA, or CPU under ``TRITON_INTERPRET=1``. ``splits`` forces the split-K
-    count, ``flat`` the loop form (tests).
+    count (tests).
     """
     if left.dim() != 3 or right.dim() != 3 or left.shape[:2] != right.shape[:2]:
         raise ShapeError(f"Expected left (B, T, out) and right (B, T, in) with the same B and T, got "
@@ -177,10 +151,9 @@ def clipped_sum(left: torch.Tensor, right: torch.Tensor, factors_b: torch.Tensor
     meta = factors.meta(compute)
     if interp:
         config = (block_o or factors.block(O, 16, 128), block_i or factors.block(I, 16, 128),
-                  block_k or factors.block(T, 16, 256), None, None, bool(flat))
-    elif block_o or block_i or block_k or flat is not None:
-        config = (block_o or GPU_BLOCK_O, block_i or GPU_BLOCK_I, block_k or GPU_BLOCK_K, GPU_WARPS, GPU_STAGES,
-                  bool(flat))
+                  block_k or factors.block(T, 16, 256), None, None)
+    elif block_o or block_i or block_k:
+        config = (block_o or GPU_BLOCK_O, block_i or GPU_BLOCK_I, block_k or GPU_BLOCK_K, GPU_WARPS, GPU_STAGES)
     else:
         bucket = 1 << max(0, (B - 1).bit_length())  # Poisson batch sizes up to a power of two share a choice
         key = (bucket, T, O, I, left.dtype, right.dtype, tuple(left.stride()), tuple(right.stride()),
@@ -194,7 +167,7 @@ def clipped_sum(left: torch.Tensor, right: torch.Tensor, factors_b: torch.Tensor
 def _launch(left, right, c, meta, config, splits):
     B, T, O = left.shape
     I = right.shape[2]
-    bo, bi, bk, warps, stages, flat = config
+    bo, bi, bk, warps, stages = config
     n_i = triton.cdiv(I, bi)
     tiles = triton.cdiv(O, bo) * n_i
     n_split = splits or _splits(right.device, tiles, B, O, I)
@@ -204,7 +177,7 @@ def _launch(left, right, c, meta, config, splits):
     opts = {} if warps is None else dict(num_warps=warps, num_stages=stages)
     _clipped_sum_kernel[(tiles, n_split)](left, right, c, out, T, O, I, n_i, per_split, B,
                                           *left.stride(), *right.stride(), O * I,
-                                          BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk, ONE_CHUNK=T <= bk and not flat, FLAT=flat, **meta, **opts)
+                                          BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk, ONE_CHUNK=T <= bk, **meta, **opts)
     return out[0] if n_split == 1 else out.sum(0)
 
 
@@ -214,10 +187,17 @@ def _time_config(left, right, c, meta, config, splits, reps: int = 3) -> float:
         _launch(left, right, c, meta, config, splits)
     except Exception:  # noqa: BLE001 - a config that does not fit this GPU (shared memory) is skipped
         return float("inf")
+    return gpu_time_ms(lambda: _launch(left, right, c, meta, config, splits), reps)
+
+
+def gpu_time_ms(fn, reps: int = 3) -> float:
+    """GPU milliseconds per call of ``fn`` (already compiled): the calls are queued behind a ~1 ms GPU
+    sleep, so that the host's launch cost (comparable to a small kernel's run) is not timed."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(2_000_000)
     start.record()
     for _ in range(reps):
-        _launch(left, right, c, meta, config, splits)
+        fn()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps

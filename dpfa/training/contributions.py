@@ -196,14 +196,10 @@ def _batch_bucket(b: int) -> int:
 
 
 def _time_ms(fn, reps: int = 3) -> float:
+    from dpfa.kernels.clipped_sum import gpu_time_ms
+
     fn()  # compile and warm up
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+    return gpu_time_ms(fn, reps)
 
 
 def _kernel_ghost_wins(left: torch.Tensor, right: torch.Tensor) -> bool:
