@@ -4,7 +4,7 @@
 
 For the GPT layers of bench_dpsgd_step.py (d 768: qkv 768->2304, proj 768->768, fc 768->3072,
 out 3072->768, head 768->8192) at (B 16, T 512), (B 8, T 2048), (B 64, T 128), bf16 factors:
-the time of ``torch.mm(G^T, X)`` (autocast's weight gradient, no clipping), of
+the GPU time of ``torch.mm(G^T, X)`` (autocast's weight gradient, no clipping), of
 ``dpfa.kernels.clipped_sum`` (per-example factors on the float32 accumulator; its block
 configuration measured once per shape) and of the earlier, unsound form ``mm((c G)^T, X)``
 (the factor rounded into a bf16 operand). Writes ``clipped_sum.json`` and prints a table.
@@ -29,15 +29,10 @@ SHAPES = [(16, 512), (8, 2048), (64, 128)]
 
 
 def _ms(fn, reps=20):
+    """GPU milliseconds per call, queued behind a GPU sleep (the host's launch cost is not timed)."""
     fn()
     torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        fn()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) / reps
+    return cs.gpu_time_ms(fn, reps)
 
 
 def main(argv=None):

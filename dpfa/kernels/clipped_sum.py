@@ -57,6 +57,16 @@ _SMS: Dict[int, int] = {}
 
 
 @triton.jit
+def _add_rows(acc, l_base, r_base, t, t_end, offs_o, offs_i, in_o, in_i, s_l_t, s_l_o, s_r_t, s_r_i,
+              COMPUTE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + L[t]^T R[t] for the rows ``t`` < ``t_end`` of one example (operands rounded, not scaled)."""
+    valid = t < t_end
+    lt = tl.load(l_base + t[:, None] * s_l_t + offs_o[None, :] * s_l_o, mask=valid[:, None] & in_o, other=0.0)
+    rt = tl.load(r_base + t[:, None] * s_r_t + offs_i[None, :] * s_r_i, mask=valid[:, None] & in_i, other=0.0)
+    return dot(tl.trans(operand(lt, COMPUTE, UPCAST)), operand(rt, COMPUTE, UPCAST), acc, IEEE)
+
+
+@triton.jit
 def _clipped_sum_kernel(l_ptr, r_ptr, c_ptr, out_ptr, T, O, I, n_tiles_i, examples_per_split, B,
                         s_l_b, s_l_t, s_l_o, s_r_b, s_r_t, s_r_i, s_out_split,
                         BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -87,21 +97,12 @@ def _clipped_sum_kernel(l_ptr, r_ptr, c_ptr, out_ptr, T, O, I, n_tiles_i, exampl
         l_base = l_ptr + b64 * s_l_b
         r_base = r_ptr + b64 * s_r_b
         if ONE_CHUNK:
-            valid = offs_k < t_end
-            lt = tl.load(l_base + offs_k[:, None] * s_l_t + offs_o[None, :] * s_l_o, mask=valid[:, None] & in_o,
-                         other=0.0)
-            rt = tl.load(r_base + offs_k[:, None] * s_r_t + offs_i[None, :] * s_r_i, mask=valid[:, None] & in_i,
-                         other=0.0)
-            acc = dot(tl.trans(operand(lt, COMPUTE, UPCAST)), operand(rt, COMPUTE, UPCAST), acc, IEEE)
+            acc = _add_rows(acc, l_base, r_base, offs_k, t_end, offs_o, offs_i, in_o, in_i, s_l_t, s_l_o, s_r_t,
+                            s_r_i, COMPUTE, UPCAST, IEEE)
         else:
             for t0 in range(0, T, BLOCK_K):  # example b's rows: an unscaled chain of products (pipelined)
-                t = t0 + offs_k
-                valid = t < t_end
-                lt = tl.load(l_base + t[:, None] * s_l_t + offs_o[None, :] * s_l_o, mask=valid[:, None] & in_o,
-                             other=0.0)
-                rt = tl.load(r_base + t[:, None] * s_r_t + offs_i[None, :] * s_r_i, mask=valid[:, None] & in_i,
-                             other=0.0)
-                acc = dot(tl.trans(operand(lt, COMPUTE, UPCAST)), operand(rt, COMPUTE, UPCAST), acc, IEEE)
+                acc = _add_rows(acc, l_base, r_base, t0 + offs_k, t_end, offs_o, offs_i, in_o, in_i, s_l_t, s_l_o,
+                                s_r_t, s_r_i, COMPUTE, UPCAST, IEEE)
     acc = acc * c_prev
     out = out_ptr + split * s_out_split + offs_o[:, None] * I + offs_i[None, :]
     tl.store(out, acc, mask=(offs_o[:, None] < O) & in_i)
