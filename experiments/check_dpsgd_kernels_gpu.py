@@ -40,6 +40,39 @@ def rel(a, b):
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+def _deferral_under_autocast(dev) -> float:
+    """Largest relative difference between the gradients one noiseless bf16-autocast step releases with and
+    without dpfa.training.deferred_weight_grad (Linear, Embedding and LayerNorm in their deferred forms)."""
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpfa.models.gpt import GPT, GPTConfig
+    from dpfa.training import PrivacyEngine, collector
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 97, (8, 40), generator=g)
+    y = torch.randint(0, 97, (8, 40), generator=g)
+    released = []
+    for defer in (False, True):
+        collector.DEFER_WEIGHT_GRADIENTS = defer
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_embd=64)).to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, opt, _ = PrivacyEngine(accountant="rdp", seed=0).make_private(
+                model, opt, DataLoader(TensorDataset(x, y), batch_size=8), noise_multiplier=0.0, target_delta=1e-5,
+                max_grad_norm=0.5, poisson_sampling=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(x.to(dev))
+        torch.nn.functional.cross_entropy(logits.float().reshape(-1, 97), y.to(dev).reshape(-1)).backward()
+        opt.step()
+        released.append({n: p.grad.double() for n, p in model.named_parameters()})
+    collector.DEFER_WEIGHT_GRADIENTS = True
+    return max(rel(released[1][n], released[0][n]) for n in released[0])
+
+
 def main():
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -87,6 +120,7 @@ def main():
                 grads, _, model = private_grads(model, loss_fn, x, y, C)
             expected = clipped_mean(per_example_grads(model_with_params(model, reference), loss_fn, x, y), C, 6)
             check(f"engine exactness {case} C={C}", rel_err(grads, expected), 1e-5)
+    check("deferred weight gradients, GPT under bf16 autocast", _deferral_under_autocast(dev), 1e-4)
     print("FAILED:", FAILED if FAILED else "none")
     sys.exit(1 if FAILED else 0)
 

@@ -102,7 +102,7 @@ def test_unsupported_forms_keep_their_forward():
 
     assert deferred_forward(MyLinear(2, 2)) is None
     assert deferred_forward(nn.Embedding(4, 2, max_norm=1.0)) is None
-    assert deferred_forward(nn.LayerNorm(3)) is None
+    assert deferred_forward(nn.BatchNorm1d(3)) is None
     assert deferred_forward(nn.Linear(2, 2)) is not None
 
 
@@ -132,3 +132,29 @@ def test_engine_step_is_the_same_with_and_without_deferral(clipping, monkeypatch
         released.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in released[0]:
         torch.testing.assert_close(released[1][name], released[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_layer_norm_input_gradient_without_its_weight_gradients():
+    torch.manual_seed(1)
+    ref, fast = nn.LayerNorm(6), nn.LayerNorm(6)
+    with torch.no_grad():
+        for m in (ref, fast):
+            m.weight.copy_(torch.linspace(0.5, 1.5, 6))
+            m.bias.copy_(torch.linspace(-1, 1, 6))
+    defer_weight_gradients([fast])
+    x = torch.randn(3, 4, 6)
+    outs, grads = [], []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        (y * torch.arange(6.0)).sum().backward()
+        outs.append(y)
+        grads.append(xi.grad)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    assert ref.weight.grad is not None and fast.weight.grad is None and fast.bias.grad is None
+    # CPU autocast keeps layer_norm in the input's dtype: the module's own forward runs there
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fast(x.bfloat16().requires_grad_(True))
+    y.float().sum().backward()
+    assert fast.weight.grad is not None

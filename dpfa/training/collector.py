@@ -22,7 +22,7 @@ the original forward without grad (no hook) and backpropagates through the recom
 whose hooks deliver each contribution once.
 
 With ``defer_weight_grads`` (the engine's choice outside DDP/FSDP wrappers) the hooked
-Linear, Conv1D and Embedding modules run a forward whose backward skips their parameter
+Linear, Conv1D, Embedding and LayerNorm modules run a forward whose backward skips their parameter
 gradients (deferred_weight_grad.py): the optimizer computes them once, clipped.
 """
 

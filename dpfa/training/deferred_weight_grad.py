@@ -7,9 +7,9 @@ non-private weight gradient ``A^T G`` that autograd would also compute is never 
 optimizer overwrites ``p.grad``), yet it is a third of a step's matmul FLOPs.
 
 :func:`defer_weight_gradients` gives the supported modules (``nn.Linear``, transformers'
-``Conv1D``, ``nn.Embedding`` without ``max_norm``, each with its stock ``forward``) an
-instance ``forward`` that runs the same function through an autograd.Function whose backward
-returns only the input gradient. The weight and bias still enter the function, so its
+``Conv1D``, ``nn.Embedding`` without ``max_norm``, ``nn.LayerNorm``, each with its stock
+``forward``) an instance ``forward`` that runs the same function through an autograd.Function
+whose backward returns only the input gradient. The weight and bias still enter the function, so its
 output requires a gradient and the collector's output hook still receives ``g`` (also for a
 first layer whose input needs none); their ``.grad`` stays ``None``. Under autocast the
 forward casts as autocast would and the backward multiplies in the output's dtype.
@@ -53,6 +53,31 @@ class _LinearInputGradOnly(torch.autograd.Function):
         return gx, None, None
 
 
+class _LayerNormInputGradOnly(torch.autograd.Function):
+    """y = LayerNorm(x) * w + b; backward: dL/dx only (aten's layer-norm backward with its weight and
+    bias outputs masked off). Under CUDA autocast it runs in float32, as autocast runs layer_norm."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, shape, eps):
+        if torch.is_autocast_enabled(x.device.type):  # only CUDA autocast reaches here (see _layer_norm_forward)
+            x = x.float()
+            weight = None if weight is None else weight.float()
+            bias = None if bias is None else bias.float()
+        y, mean, rstd = torch.ops.aten.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.shape = shape
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        gx = torch.ops.aten.native_layer_norm_backward(g.to(x.dtype), x, ctx.shape, mean, rstd, weight, bias,
+                                                       [True, False, False])[0]
+        return gx, None, None, None, None
+
+
 class _EmbeddingNoGrad(torch.autograd.Function):
     """y = W[idx]; backward delivers nothing (indices have no gradient, W's is deferred)."""
 
@@ -84,6 +109,14 @@ def _conv1d_forward(self: nn.Module, x):
     return _LinearInputGradOnly.apply(x, self.weight.t(), self.bias)
 
 
+def _layer_norm_forward(self: nn.LayerNorm, x):
+    # CPU autocast keeps layer_norm in the input's dtype, CUDA autocast runs it in float32: the deferred
+    # form reproduces the latter and no autocast; CPU autocast takes the module's own forward
+    if _transforms_active() or (x.device.type != "cuda" and torch.is_autocast_enabled(x.device.type)):
+        return type(self).forward(self, x)
+    return _LayerNormInputGradOnly.apply(x, self.weight, self.bias, list(self.normalized_shape), self.eps)
+
+
 def _embedding_forward(self: nn.Embedding, idx):
     if _transforms_active():
         return type(self).forward(self, idx)
@@ -97,6 +130,8 @@ def deferred_forward(module: nn.Module) -> Optional[Callable]:
     fn = None
     if isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward:
         fn = _linear_forward
+    elif isinstance(module, nn.LayerNorm) and cls.forward is nn.LayerNorm.forward:
+        fn = _layer_norm_forward
     elif isinstance(module, nn.Embedding) and cls.forward is nn.Embedding.forward:
         if module.max_norm is None and not module.scale_grad_by_freq and not module.sparse:
             fn = _embedding_forward
