@@ -52,6 +52,7 @@ GPU_CONFIGS = ((128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), 
 _CHOSEN: Dict[tuple, tuple] = {}
 #: clip factors below this are treated as 0 (the example is left out, which only lowers its contribution)
 TINY_FACTOR = 2.0**-100
+assert TINY_FACTOR == 7.888609052210118e-31  # the literal in _clipped_sum_kernel
 
 _SMS: Dict[int, int] = {}
 
@@ -87,7 +88,7 @@ def _clipped_sum_kernel(l_ptr, r_ptr, c_ptr, out_ptr, T, O, I, n_tiles_i, exampl
     offs_k = tl.arange(0, BLOCK_K)
     for b in range(b0, b1):
         c = tl.load(c_ptr + b)
-        live = c > 0.0
+        live = c >= 7.888609052210118e-31  # TINY_FACTOR = 2^-100: a smaller c counts as 0 (division by c)
         c_safe = tl.where(live, c, 1.0)
         # acc <- acc c_prev / c: it now holds sum_{b' < b} c_b' M_b' / c_b (a skipped example changes nothing)
         acc = acc * tl.where(live, c_prev / c_safe, 1.0)
@@ -146,9 +147,8 @@ def clipped_sum(left: torch.Tensor, right: torch.Tensor, factors_b: torch.Tensor
     if N == 0 or O == 0 or I == 0:
         return torch.zeros((O, I), device=right.device, dtype=torch.float32)
     interp = interpreted()
-    # c < 2^-100 (a norm beyond 2^100 C) counts as 0: the accumulator is divided by c
-    c = factors_b.to(device=right.device, dtype=torch.float32)
-    c = torch.where(c < TINY_FACTOR, torch.zeros_like(c), c).contiguous()
+    # c < 2^-100 (a norm beyond 2^100 C) counts as 0 in the kernel: the accumulator is divided by c
+    c = factors_b.to(device=right.device, dtype=torch.float32).contiguous()
     meta = factors.meta(compute)
     if interp:
         config = (block_o or factors.block(O, 16, 128), block_i or factors.block(I, 16, 128),
