@@ -52,7 +52,6 @@ GPU_CONFIGS = ((128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), 
 _CHOSEN: Dict[tuple, tuple] = {}
 #: clip factors below this are treated as 0 (the example is left out, which only lowers its contribution)
 TINY_FACTOR = 2.0**-100
-assert TINY_FACTOR == 7.888609052210118e-31  # the literal in _clipped_sum_kernel
 
 _SMS: Dict[int, int] = {}
 
@@ -71,7 +70,8 @@ def _add_rows(acc, l_base, r_base, t, t_end, offs_o, offs_i, in_o, in_i, s_l_t, 
 def _clipped_sum_kernel(l_ptr, r_ptr, c_ptr, out_ptr, T, O, I, n_tiles_i, examples_per_split, B,
                         s_l_b, s_l_t, s_l_o, s_r_b, s_r_t, s_r_i, s_out_split,
                         BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-                        ONE_CHUNK: tl.constexpr, COMPUTE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                        ONE_CHUNK: tl.constexpr, TINY: tl.constexpr, COMPUTE: tl.constexpr, UPCAST: tl.constexpr,
+                        IEEE: tl.constexpr):
     """out[split, o, i] = sum over the examples b of this split of c[b] sum_t L[b, t, o] R[b, t, i].
 
     ``ONE_CHUNK`` (T <= BLOCK_K): no inner loop, so that the loads of the next examples are prefetched."""
@@ -88,7 +88,7 @@ def _clipped_sum_kernel(l_ptr, r_ptr, c_ptr, out_ptr, T, O, I, n_tiles_i, exampl
     offs_k = tl.arange(0, BLOCK_K)
     for b in range(b0, b1):
         c = tl.load(c_ptr + b)
-        live = c >= 7.888609052210118e-31  # TINY_FACTOR = 2^-100: a smaller c counts as 0 (division by c)
+        live = c >= TINY  # a smaller c counts as 0 (the accumulator is divided by c)
         c_safe = tl.where(live, c, 1.0)
         # acc <- acc c_prev / c: it now holds sum_{b' < b} c_b' M_b' / c_b (a skipped example changes nothing)
         acc = acc * tl.where(live, c_prev / c_safe, 1.0)
@@ -178,7 +178,8 @@ def _launch(left, right, c, meta, config, splits):
     opts = {} if warps is None else dict(num_warps=warps, num_stages=stages)
     _clipped_sum_kernel[(tiles, n_split)](left, right, c, out, T, O, I, n_i, per_split, B,
                                           *left.stride(), *right.stride(), O * I,
-                                          BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk, ONE_CHUNK=T <= bk, **meta, **opts)
+                                          BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk, ONE_CHUNK=T <= bk, TINY=TINY_FACTOR,
+                                          **meta, **opts)
     return out[0] if n_split == 1 else out.sum(0)
 
 
