@@ -118,8 +118,7 @@ def _squared_norms_l2(contributions: Dict[nn.Parameter, List[Contribution]], met
         out.update(zip([p for p in contributions if p not in small], large))
         return out, (params, buf, sizes)
     parts = ([] if total is None else [total]) + large
-    total = (parts[0] if len(parts) == 1 else torch.stack(parts).to(torch.float64).sum(0)).to(torch.float64)
-    return total, (params, buf, sizes)
+    return torch.stack(parts).to(torch.float64).sum(0), (params, buf, sizes)
 
 
 def per_example_norms(contributions: Dict[nn.Parameter, List[Contribution]], norm: str = "l2",
@@ -179,7 +178,7 @@ def clipped_grads(contributions: Dict[nn.Parameter, List[Contribution]], max_gra
         norms = scale * torch.stack([sq[p] for p in params], dim=1).to(torch.float64).clamp_min(0).sqrt()
         limits = torch.tensor([thresholds[p] for p in params], dtype=torch.float64).to(norms.device,
                                                                                          non_blocking=True)
-        factors = scale * torch.clamp(limits / (norms + EPS), max=1.0)
+        factors = scale * clip_factors(norms, limits)
         per_param = dict(zip(params, factors.unbind(1)))
         if buf is not None:
             index = {p: j for j, p in enumerate(params)}
